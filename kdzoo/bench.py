@@ -1,0 +1,177 @@
+"""``kdzoo bench``: run a benchmark suite of training runs and render its results.
+
+A suite is a YAML file ``configs/bench/<suite>.yaml``: config files shared by every run, a list
+of runs (each a list of config files, optional extra CLI arguments, and optionally the earlier
+run whose best checkpoint is its teacher), and the overrides of the ``--fast`` preset. Adding a
+method to a suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
+:class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
+one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import yaml
+from jsonargparse import ArgumentParser
+
+from kdzoo.results import append_row, plot_bars, read_rows, render_table
+
+__all__ = ["load_suite", "main", "run_suite"]
+
+
+def default_configs_dir() -> Path:
+    """``./configs`` when it has suites, else the ``configs/`` of the kdzoo source checkout."""
+    local = Path("configs")
+    if (local / "bench").is_dir():
+        return local
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def load_suite(name: str, configs_dir: Path) -> dict[str, Any]:
+    path = configs_dir / "bench" / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (configs_dir / "bench").glob("*.yaml"))
+        raise SystemExit(f"error: no benchmark suite {name!r} ({path} missing); suites: {known}")
+    suite = yaml.safe_load(path.read_text())
+    names = [run["name"] for run in suite["runs"]]
+    for run in suite["runs"]:
+        teacher = run.get("teacher")
+        if teacher is not None and teacher not in names[: names.index(run["name"])]:
+            raise SystemExit(
+                f"error: in {path}, run {run['name']!r} needs teacher run "
+                f"{teacher!r} to come before it"
+            )
+    return suite
+
+
+def run_suite(
+    name: str,
+    *,
+    fast: bool = False,
+    out: Path = Path("results"),
+    seed: int = 0,
+    download: bool = False,
+    configs_dir: Path | None = None,
+) -> list[dict[str, Any]]:
+    """Train and test every run of suite ``name``; return the rows it appended."""
+    from kdzoo.cli import KDCLI
+
+    configs_dir = configs_dir or default_configs_dir()
+    suite = load_suite(name, configs_dir)
+    table = f"{name}_fast" if fast else name
+    out = Path(out)
+    best: dict[str, str] = {}
+    rows = []
+    for run in suite["runs"]:
+        args = ["fit"]
+        for config in [*suite.get("base", []), *run.get("configs", [])]:
+            args += ["-c", str(configs_dir / config)]
+        args += [*run.get("args", []), *(suite.get("fast", []) if fast else [])]
+        if run.get("teacher"):
+            args.append(f"--model.init_args.teacher.weights={best[run['teacher']]}")
+        if download:
+            args.append("--data.init_args.download=true")
+        args += [
+            f"--seed_everything={seed}",
+            f"--trainer.logger.init_args.save_dir={out / 'runs' / table}",
+            f"--trainer.logger.init_args.name={run['name']}",
+        ]
+        start = time.perf_counter()
+        cli = KDCLI(args=args)
+        best[run["name"]] = cli.trainer.checkpoint_callback.best_model_path
+        metrics = cli.trainer.test(
+            cli.model, datamodule=cli.datamodule, ckpt_path=best[run["name"]]
+        )
+        hparams = cli.model.hparams
+        row = {
+            "run": run["name"],
+            "method": type(cli.model).__name__,
+            "student": hparams.get("student", ""),
+            "teacher": (hparams.get("teacher") or {}).get("name", ""),
+            "dataset": type(cli.datamodule).__name__,
+            "top1": round(100.0 * float(metrics[0]["test/top1"]), 4),
+            "paper_top1": run.get("paper_top1", ""),
+            "seed": seed,
+            "epochs": cli.trainer.current_epoch,
+            "wall_clock_s": round(time.perf_counter() - start, 1),
+            "config": str(Path(cli.trainer.log_dir) / "config.yaml"),
+            "git_commit": git_commit(),
+            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        append_row(out / f"{table}.csv", row)
+        rows.append(row)
+    all_rows = read_rows(out / f"{table}.csv")
+    markdown = render_table(all_rows, title=f"kdzoo bench {name}{' --fast' if fast else ''}")
+    (out / f"{table}.md").write_text(markdown)
+    plot_bars(all_rows, out / f"{table}.png", title=f"kdzoo bench {name}: test top-1")
+    print(markdown)
+    return rows
+
+
+def git_commit() -> str:
+    """The source checkout's commit, ``-dirty`` when tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty.strip() else "")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="kdzoo bench", description="Run benchmark suites.")
+    subcommands = parser.add_subcommands()
+    run = ArgumentParser(description="Train and test every run of a suite; append CSV rows.")
+    run.add_argument("suite", type=str, help="suite name: configs/bench/<suite>.yaml")
+    run.add_argument("--fast", action="store_true", help="the suite's minute-long preset")
+    run.add_argument("--out", type=Path, default=Path("results"), help="results directory")
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument(
+        "--download", action="store_true", help="let datamodules download missing datasets"
+    )
+    run.add_argument(
+        "--configs_dir",
+        type=Path | None,
+        default=None,
+        help="configs root (default: ./configs or the source checkout's)",
+    )
+    subcommands.add_subcommand("run", run)
+    listing = ArgumentParser(description="List the suites.")
+    listing.add_argument("--configs_dir", type=Path | None, default=None)
+    subcommands.add_subcommand("list", listing)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    cfg = build_parser().parse_args(list(argv) if argv is not None else None)
+    if cfg.subcommand == "list":
+        root = cfg.list.configs_dir or default_configs_dir()
+        for path in sorted((root / "bench").glob("*.yaml")):
+            suite = yaml.safe_load(path.read_text())
+            print(f"{path.stem:<12} {suite.get('description', '')}")
+        return
+    args = cfg.run
+    run_suite(
+        args.suite,
+        fast=args.fast,
+        out=args.out,
+        seed=args.seed,
+        download=args.download,
+        configs_dir=args.configs_dir,
+    )

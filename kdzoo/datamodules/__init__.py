@@ -1,0 +1,31 @@
+"""LightningDataModules for image classification, one per dataset family.
+
+Each resolves its data root (argument, ``$KDZOO_DATA``, known locations), downloads only in
+``prepare_data`` when ``download=True``, and exposes ``num_classes``, ``in_chans``, ``mean``,
+``std``, ``image_size`` and ``class_names`` before ``setup()`` so the CLI can link them to the
+model. Errors a user fixes (missing data, bad arguments, malformed files) are
+subclasses of :class:`kdzoo.errors.KDZooError`, which the ``kdzoo`` command prints as one line.
+"""
+
+from kdzoo.datamodules.base import (
+    DataError,
+    DatasetNotFoundError,
+    ImageClassificationDataModule,
+    resolve_root,
+)
+from kdzoo.datamodules.cifar import CIFAR10, CIFAR100
+from kdzoo.datamodules.digits import Digits
+from kdzoo.datamodules.fashion_mnist import FashionMNIST
+from kdzoo.datamodules.image_folder import ImageFolder
+
+__all__ = [
+    "CIFAR10",
+    "CIFAR100",
+    "DataError",
+    "DatasetNotFoundError",
+    "Digits",
+    "FashionMNIST",
+    "ImageClassificationDataModule",
+    "ImageFolder",
+    "resolve_root",
+]

@@ -1,0 +1,485 @@
+"""Shared machinery for kdzoo's image-classification DataModules.
+
+Every DataModule here follows one contract so that a LightningCLI config can swap datasets:
+
+- the properties the CLI links to the model (``num_classes``, ``in_chans``, ``mean``, ``std``,
+  ``image_size``, ``class_names``) are valid right after ``__init__``, before ``setup()``;
+- the dataset root is resolved by :func:`resolve_root` (the argument if given, else
+  ``$KDZOO_DATA/<subdir>``, the download cache, known system locations) and a missing dataset raises
+  :class:`DatasetNotFoundError` saying where kdzoo looked and how to get the data;
+- downloads happen only in ``prepare_data()`` and only with ``download=True``;
+- ``setup()`` splits the official train set into train/val with its own seeded generator, so the
+  split never depends on (or disturbs) the global RNG;
+- augmentations are albumentations pipelines whose RNG is reseeded from torch's RNG at every epoch
+  (see :class:`ReseedingDataLoader` and :func:`seed_worker`), so a run under
+  ``lightning.seed_everything`` is bit-identical on CPU with or without worker processes.
+"""
+
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import lightning as L
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+from torch.utils.data import DataLoader, Dataset, get_worker_info
+
+from kdzoo.errors import KDZooError
+
+Transforms = Sequence[A.BasicTransform | A.BaseCompose] | A.BaseCompose
+# One expected file, or a tuple of acceptable alternatives (e.g. plain or gzipped).
+Expected = str | tuple[str, ...]
+
+
+class DatasetNotFoundError(KDZooError, FileNotFoundError):
+    """A dataset's files are in none of the directories kdzoo looked in."""
+
+
+class DataError(KDZooError, ValueError):
+    """A DataModule argument is out of range, or a data file is malformed."""
+
+
+def _describe(item: Expected) -> str:
+    return item if isinstance(item, str) else " or ".join(item)
+
+
+def _has(directory: Path, item: Expected) -> bool:
+    names = (item,) if isinstance(item, str) else item
+    return any((directory / name).exists() for name in names)
+
+
+def resolve_root(
+    dataset: str,
+    root: str | os.PathLike | None,
+    subdir: str,
+    expected: Sequence[Expected],
+    *,
+    layouts: Sequence[str] = ("",),
+    system_dirs: Sequence[str | os.PathLike] = (),
+    how_to_get: Sequence[str] = (),
+) -> Path:
+    """Return the first directory that holds every ``expected`` file.
+
+    An explicit ``root`` is the only place searched: an argument the user typed is never silently
+    replaced by another copy of the data. Without it, the base directories are tried in this order:
+    ``$KDZOO_DATA/<subdir>``, ``~/.cache/kdzoo/data/<subdir>`` (where ``download=True`` puts data
+    when neither is set), then ``system_dirs``. Under each base, every entry of ``layouts`` (a
+    relative path, ``""`` for the base itself) is tried, so one dataset can accept e.g. both flat
+    files and torchvision's ``FashionMNIST/raw`` layout.
+
+    Raises:
+        DatasetNotFoundError: naming ``dataset``, every directory tried, the expected files and the
+            ``how_to_get`` hints.
+    """
+    bases: list[Path] = []
+    skipped = None
+    env = os.environ.get("KDZOO_DATA")
+    if root is not None:
+        bases.append(Path(root).expanduser())
+    else:
+        if env:
+            bases.append(Path(env).expanduser() / subdir)
+        else:
+            skipped = f"$KDZOO_DATA/{subdir} (skipped: $KDZOO_DATA is not set)"
+        bases.append(default_cache_dir(subdir))
+        bases.extend(Path(d) for d in system_dirs)
+
+    tried: list[Path] = []
+    for base in bases:
+        for layout in layouts:
+            directory = base / layout if layout else base
+            if directory in tried:
+                continue
+            tried.append(directory)
+            if all(_has(directory, item) for item in expected):
+                return directory
+
+    lines = [f"{dataset} not found. Looked in:"]
+    lines += [f"  - {d}" for d in tried]
+    if skipped:
+        lines.append(f"  - {skipped}")
+    lines.append("Expected files: " + ", ".join(_describe(item) for item in expected) + ".")
+    if how_to_get:
+        lines.append("To get it: " + "; or ".join(how_to_get) + ".")
+    raise DatasetNotFoundError("\n".join(lines))
+
+
+def default_cache_dir(subdir: str) -> Path:
+    """Where ``download=True`` stores data when neither ``root`` nor ``$KDZOO_DATA`` is set."""
+    return Path.home() / ".cache" / "kdzoo" / "data" / subdir
+
+
+class TransformedDataset(Dataset):
+    """Base for datasets that run each item through an albumentations pipeline.
+
+    Albumentations 2.x keeps its own RNG, independent of numpy/torch global state, so reproducible
+    augmentation needs :meth:`reseed`; :class:`ReseedingDataLoader` and :func:`seed_worker` call it.
+    ``rank`` (the trainer's global rank) is mixed into the seed so DDP ranks, which share the
+    seed of ``seed_everything``, do not apply identical augmentation sequences.
+    """
+
+    def __init__(
+        self, targets: Any, transform: A.Compose, indices: Any = None, rank: int = 0
+    ) -> None:
+        self._targets = np.asarray(targets, dtype=np.int64)
+        n = len(self._targets)
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+        self.transform = transform
+        self.rank = rank
+        # A fixed start so that indexing the dataset directly is reproducible too; the loaders
+        # reseed at every epoch.
+        self.reseed(0)
+
+    @property
+    def targets(self) -> np.ndarray:
+        """Labels of the items in this dataset (after split and subset)."""
+        return self._targets[self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        image = self.transform(image=self.load_image(j))["image"]
+        return image, int(self._targets[j])
+
+    def load_image(self, j: int) -> np.ndarray:
+        """The uint8 ``H x W x C`` image at position ``j`` of the underlying data."""
+        raise NotImplementedError
+
+    def reseed(self, seed: int) -> None:
+        """Restart the augmentation RNG from ``seed`` (mixed with ``rank``)."""
+        mixed = int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0])
+        # One shared generator for the whole pipeline: ``Compose.set_random_seed`` would give
+        # every transform its own generator with the same seed, correlating e.g. crop and flip.
+        self.transform.set_random_state(np.random.default_rng(mixed), random.Random(mixed))
+
+
+class ArrayDataset(TransformedDataset):
+    """In-memory uint8 images ``(N, H, W, C)`` with integer labels, viewed through ``indices``."""
+
+    def __init__(
+        self,
+        images: np.ndarray,
+        targets: Any,
+        transform: A.Compose,
+        indices: Any = None,
+        rank: int = 0,
+    ) -> None:
+        if images.ndim != 4 or images.dtype != np.uint8:
+            raise DataError(
+                f"images must be a uint8 array (N, H, W, C), got {images.dtype} {images.shape}"
+            )
+        if len(images) != len(targets):
+            raise DataError(f"{len(images)} images but {len(targets)} labels")
+        super().__init__(targets, transform, indices, rank)
+        self.images = images
+
+    def load_image(self, j: int) -> np.ndarray:
+        return self.images[j]
+
+
+def seed_worker(worker_id: int) -> None:
+    """``worker_init_fn`` seeding numpy, ``random`` and the dataset's augmentations.
+
+    torch has already seeded this worker with ``base_seed + worker_id``; ``base_seed`` is drawn from
+    the main process's torch RNG when the workers start, so it is fixed by ``seed_everything`` and
+    new for every epoch (with persistent workers, each worker's streams simply carry on). Lightning
+    installs its own seeding only for loaders without a ``worker_init_fn``, so this one must also
+    cover numpy and ``random``.
+    """
+    info = get_worker_info()
+    dataset = info.dataset if info is not None else None
+    rank = getattr(dataset, "rank", 0)
+    np_seed, py_seed = np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(2)
+    np.random.seed(int(np_seed))
+    random.seed(int(py_seed))
+    if isinstance(dataset, TransformedDataset):
+        dataset.reseed(torch.initial_seed())
+
+
+class ReseedingDataLoader(DataLoader):
+    """A DataLoader that reseeds the dataset's augmentations at each epoch in the main process.
+
+    With ``num_workers=0`` no ``worker_init_fn`` runs, so the seed is drawn here from torch's RNG
+    (the loader's ``generator`` if any) each time an epoch's iterator is created: deterministic
+    under ``seed_everything``, different for every epoch. It keeps DataLoader's own signature so
+    Lightning can re-instantiate it (e.g. to insert a DistributedSampler).
+    """
+
+    def __iter__(self):
+        if self.num_workers == 0 and isinstance(self.dataset, TransformedDataset):
+            seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
+            self.dataset.reseed(int(seed))
+        return super().__iter__()
+
+
+def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
+    if not ok:
+        raise DataError(f"{name} must be {accepted}, got {value!r}")
+
+
+class ImageClassificationDataModule(L.LightningDataModule):
+    """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``.
+
+    Subclasses set the class attributes describing their data and implement :meth:`load_data`,
+    :meth:`train_transforms` and :meth:`eval_transforms`.
+
+    Args:
+        root: directory holding the data (the only place searched when given); ``None`` searches
+            ``$KDZOO_DATA/<subdir>``, the download cache and known system locations (see
+            :func:`resolve_root`).
+        batch_size: samples per batch for every split.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        val_fraction: share of the official train set held out for validation, in [0, 1).
+        split_seed: seed of the train/val split and of the subsets.
+        image_size: side length fed to the model; ``None`` keeps the native size.
+        grey_to_rgb: replicate single-channel images to 3 channels (e.g. for RGB teachers).
+        augment: use the training augmentations (``False`` trains on eval transforms).
+        train_subset: keep only this many (seeded random) training items; ``None`` keeps all.
+        eval_subset: same for the val and test splits.
+        download: let ``prepare_data()`` download missing data (where the dataset supports it).
+    """
+
+    name: str = "dataset"
+    #: ``$KDZOO_DATA/<data_subdir>`` and ``~/.cache/kdzoo/data/<data_subdir>`` are searched.
+    data_subdir: str = ""
+    layouts: tuple[str, ...] = ("",)
+    system_dirs: tuple[str, ...] = ()
+    expected_files: tuple[Expected, ...] = ()
+    install_hint: str | None = None
+    can_download: bool = False
+
+    native_chans: int = 1
+    native_size: int | None = None
+    native_mean: tuple[float, ...] = ()
+    native_std: tuple[float, ...] = ()
+    default_class_names: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        val_fraction: float = 0.1,
+        split_seed: int = 0,
+        image_size: int | None = None,
+        grey_to_rgb: bool = False,
+        augment: bool = True,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        _check("val_fraction", val_fraction, 0.0 <= val_fraction < 1.0, "in [0, 1)")
+        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
+        _check("image_size", image_size, image_size is None or image_size >= 1, "None or >= 1")
+        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
+            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
+        self.save_hyperparameters()
+        self.root = root
+        self.image_size: int = image_size if image_size is not None else self.native_size
+        if self.image_size is None:
+            raise DataError(f"{type(self).__name__} needs an explicit image_size")
+        self._class_names: tuple[str, ...] = self.default_class_names
+        self.train: TransformedDataset | None = None
+        self.val: TransformedDataset | None = None
+        self.test: TransformedDataset | None = None
+        self.predict: TransformedDataset | None = None
+
+    # -- properties linked to the model by the CLI ------------------------------------------------
+
+    @property
+    def _replicate(self) -> bool:
+        # grey_to_rgb is a no-op on data that is already 3-channel.
+        return self.hparams.grey_to_rgb and self.native_chans == 1
+
+    @property
+    def in_chans(self) -> int:
+        return 3 if self._replicate else self.native_chans
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return self.native_mean * 3 if self._replicate else self.native_mean
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return self.native_std * 3 if self._replicate else self.native_std
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self._class_names) if self._class_names else None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._class_names)
+
+    # -- data location ----------------------------------------------------------------------------
+
+    def download_dir(self) -> Path:
+        """Where ``prepare_data()`` downloads to: ``root``, else ``$KDZOO_DATA/<subdir>``, else
+        the user cache."""
+        if self.root is not None:
+            return Path(self.root).expanduser()
+        env = os.environ.get("KDZOO_DATA")
+        if env:
+            return Path(env).expanduser() / self.data_subdir
+        return default_cache_dir(self.data_subdir)
+
+    def how_to_get(self) -> list[str]:
+        hints = []
+        if self.install_hint:
+            # An explicit root is the only place searched, so it must be dropped to use the
+            # system copy.
+            unset = " and leave --data.root unset" if self.root is not None else ""
+            hints.append(self.install_hint + unset)
+        places = " or ".join(f"DIR/{layout}" if layout else "DIR" for layout in self.layouts)
+        hints.append(f"pass --data.root DIR where {places} holds these files")
+        if self.can_download:
+            hints.append(
+                "pass --data.download true to let torchvision download it into "
+                f"{self.download_dir()}"
+            )
+        return hints
+
+    def find_root(self) -> Path:
+        """The directory holding this dataset's files (raises :class:`DatasetNotFoundError`)."""
+        return resolve_root(
+            self.name,
+            self.root,
+            self.data_subdir,
+            self.expected_files,
+            layouts=self.layouts,
+            system_dirs=self.system_dirs,
+            how_to_get=self.how_to_get(),
+        )
+
+    def download(self, directory: Path) -> None:
+        """Download the dataset into ``directory`` (subclasses with ``can_download``)."""
+        raise NotImplementedError
+
+    def prepare_data(self) -> None:
+        """Check the data is present, downloading it first if missing and ``download=True``."""
+        try:
+            self.find_root()
+        except DatasetNotFoundError:
+            if not (self.hparams.download and self.can_download):
+                raise
+            directory = self.download_dir()
+            directory.mkdir(parents=True, exist_ok=True)
+            self.download(directory)
+            self.find_root()
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    def load_data(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
+        """Return ``((train_items, train_targets), (test_items, test_targets))`` of the official
+        splits; items are what :meth:`make_dataset` accepts. Must never download."""
+        raise NotImplementedError
+
+    def make_dataset(
+        self, items: Any, targets: Any, indices: np.ndarray, transform: A.Compose, rank: int
+    ) -> TransformedDataset:
+        return ArrayDataset(items, targets, transform, indices, rank)
+
+    def split_train_val(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Seeded random split of the official train set into ``(train, val)`` indices."""
+        n = len(targets)
+        n_val = round(n * self.hparams.val_fraction)
+        if n_val >= n:
+            raise DataError(f"val_fraction={self.hparams.val_fraction} leaves no training data")
+        perm = np.random.default_rng(self.hparams.split_seed).permutation(n)
+        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+    def _subset(self, indices: np.ndarray, size: int | None, stream: int) -> np.ndarray:
+        if size is None or size >= len(indices):
+            return indices
+        # A generator per split (``stream``) so e.g. the val subset does not change with
+        # train_subset.
+        rng = np.random.default_rng([self.hparams.split_seed, stream])
+        return np.sort(rng.permutation(indices)[:size])
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:  # datasets do not depend on the stage: build them once
+            return
+        (train_items, train_targets), (test_items, test_targets) = self.load_data()
+        train_targets, test_targets = np.asarray(train_targets), np.asarray(test_targets)
+        train_idx, val_idx = self.split_train_val(train_targets)
+        train_idx = self._subset(train_idx, self.hparams.train_subset, 1)
+        val_idx = self._subset(val_idx, self.hparams.eval_subset, 2)
+        test_idx = self._subset(np.arange(len(test_targets)), self.hparams.eval_subset, 3)
+
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        train_tf = self.build_transform(train=self.hparams.augment)
+        self.train = self.make_dataset(train_items, train_targets, train_idx, train_tf, rank)
+        # Each dataset gets its own Compose: they must not share one RNG.
+        val_tf, test_tf = self.build_transform(train=False), self.build_transform(train=False)
+        self.val = self.make_dataset(train_items, train_targets, val_idx, val_tf, rank)
+        self.test = self.make_dataset(test_items, test_targets, test_idx, test_tf, rank)
+        self.predict = self.test
+
+    # -- transforms -------------------------------------------------------------------------------
+
+    def train_transforms(self) -> Transforms:
+        """Spatial training augmentations on uint8 ``H x W x C`` images, ending at image_size."""
+        raise NotImplementedError
+
+    def eval_transforms(self) -> Transforms:
+        """Deterministic spatial transforms on uint8 images, ending at image_size."""
+        raise NotImplementedError
+
+    def resize(self) -> list[A.BasicTransform]:
+        """A resize to ``image_size`` when it differs from the native size, else nothing."""
+        if self.image_size == self.native_size:
+            return []
+        return [A.Resize(self.image_size, self.image_size)]
+
+    def build_transform(self, train: bool) -> A.Compose:
+        """Spatial transforms + channel replication + normalisation + tensor conversion."""
+        spatial = self.train_transforms() if train else self.eval_transforms()
+        spatial = [spatial] if isinstance(spatial, A.BaseCompose) else list(spatial)
+        # Replicate on the uint8 H x W x 1 array, before Normalize, which then uses the
+        # replicated mean/std.
+        channels = [A.ToRGB(num_output_channels=3)] if self._replicate else []
+        return A.Compose(
+            [
+                *spatial,
+                *channels,
+                A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
+                ToTensorV2(),
+            ]
+        )
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def _loader(self, dataset: TransformedDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
+        workers = self.hparams.num_workers
+        return ReseedingDataLoader(
+            dataset,
+            batch_size=self.hparams.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            worker_init_fn=seed_worker,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict, shuffle=False)

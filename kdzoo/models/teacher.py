@@ -1,0 +1,171 @@
+"""Teachers: a frozen :class:`~kdzoo.models.backbone.Backbone` built from a name and weights.
+
+:class:`TeacherSpec` is the config block every distillation method (and every test-time
+adaptation source model) reads; :func:`build_teacher` turns it into a :class:`Teacher`: frozen,
+in eval mode for ever, run without autograd, and re-normalising the student's input batch when
+the two networks expect different mean/std, so one data pipeline feeds both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdzoo.models.backbone import Backbone, BackboneOutput
+from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
+
+__all__ = ["Teacher", "TeacherSpec", "build_teacher"]
+
+TIMM_PRETRAINED = "timm"
+
+
+@dataclass
+class TeacherSpec:
+    """Where a teacher comes from.
+
+    Attributes:
+        name: timm architecture, e.g. ``"resnet34"``.
+        weights: a kdzoo Lightning checkpoint (``.ckpt``, its student is the teacher), a
+            ``.safetensors`` export, a ``torch.save``-d state dict, or ``"timm"`` for timm's
+            pretrained weights (needs a network or a filled Hugging Face cache). ``None`` keeps
+            the random initialisation, which is only useful in tests.
+        mean: input mean the teacher's weights expect. ``None``: read it from the checkpoint's
+            hyper-parameters, or timm's pretrained config for ``"timm"``, or else assume the
+            student's.
+        std: input std, as ``mean``.
+        num_classes: teacher outputs; ``None`` means the dataset's number of classes.
+        model_kwargs: extra ``timm.create_model`` arguments.
+    """
+
+    name: str
+    weights: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    num_classes: int | None = None
+    model_kwargs: dict[str, Any] | None = None
+
+
+class Teacher(nn.Module):
+    """A frozen backbone that stays in eval mode and runs without autograd.
+
+    ``forward`` takes the batch normalised for the student and maps it to the teacher's
+    normalisation with one affine op: ``x_t = x * (std_s / std_t) + (mean_s - mean_t) / std_t``.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        student_mean: Sequence[float] | None = None,
+        student_std: Sequence[float] | None = None,
+        teacher_mean: Sequence[float] | None = None,
+        teacher_std: Sequence[float] | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.renormalise = None not in (student_mean, student_std, teacher_mean, teacher_std) and (
+            tuple(student_mean) != tuple(teacher_mean) or tuple(student_std) != tuple(teacher_std)
+        )
+        if self.renormalise:
+            s_mean, s_std, t_mean, t_std = (
+                torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1)
+                for v in (student_mean, student_std, teacher_mean, teacher_std)
+            )
+            # Not persistent: they follow from the config, and teachers are never checkpointed.
+            self.register_buffer("scale", s_std / t_std, persistent=False)
+            self.register_buffer("shift", (s_mean - t_mean) / t_std, persistent=False)
+        self.train(False)
+
+    def train(self, mode: bool = True) -> Teacher:
+        # Lightning calls model.train() at every epoch start; a teacher never leaves eval mode
+        # (BatchNorm statistics and dropout must stay those it was trained with).
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(
+        self, x: torch.Tensor, indices: int | Sequence[int] | None = None
+    ) -> BackboneOutput:
+        if self.renormalise:
+            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+        return self.backbone(x, indices=indices)
+
+
+def build_teacher(
+    spec: TeacherSpec,
+    *,
+    num_classes: int,
+    in_chans: int,
+    student_mean: Sequence[float] | None = None,
+    student_std: Sequence[float] | None = None,
+) -> Teacher:
+    """Build the frozen teacher ``spec`` describes, its weights loaded and checked."""
+    pretrained = spec.weights == TIMM_PRETRAINED
+    backbone = Backbone(
+        spec.name,
+        num_classes=spec.num_classes or num_classes,
+        in_chans=in_chans,
+        pretrained=pretrained,
+        model_kwargs=spec.model_kwargs,
+    )
+    teacher_mean, teacher_std = spec.mean, spec.std
+    if pretrained:
+        cfg = backbone.pretrained_cfg
+        teacher_mean = teacher_mean or cfg.get("mean")
+        teacher_std = teacher_std or cfg.get("std")
+    elif spec.weights is not None:
+        _load_weights(backbone, spec.weights)
+        hparams = checkpoint_hyperparameters(spec.weights)
+        teacher_mean = teacher_mean or hparams.get("mean")
+        teacher_std = teacher_std or hparams.get("std")
+    return Teacher(
+        backbone,
+        student_mean=student_mean,
+        student_std=student_std,
+        teacher_mean=teacher_mean or student_mean,
+        teacher_std=teacher_std or student_std,
+    )
+
+
+def _load_weights(backbone: Backbone, weights: str) -> None:
+    state = load_backbone_state(weights)
+    expected = backbone.model.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    if mismatched:
+        classifier = backbone.model.get_classifier()
+        file_classes = _classifier_outputs(state, backbone)
+        hint = ""
+        if file_classes is not None and file_classes != backbone.num_classes:
+            hint = (
+                f" The teacher in {weights} predicts {file_classes} classes but the model was "
+                f"built for {backbone.num_classes} ({type(classifier).__name__} head): teacher "
+                "and student must be trained on the same label set (or set teacher.num_classes)."
+            )
+        raise WeightsError(
+            f"teacher weights {weights} do not fit timm model {backbone.name!r}.{hint} "
+            f"Mismatched tensors: {'; '.join(mismatched[:3])}"
+        )
+    missing, unexpected = backbone.model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise WeightsError(
+            f"teacher weights {weights} do not match timm model {backbone.name!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
+            f"(e.g. {unexpected[:3]}). Is teacher.name the architecture the file was trained with?"
+        )
+
+
+def _classifier_outputs(state: dict[str, torch.Tensor], backbone: Backbone) -> int | None:
+    """Number of classes the classifier in ``state`` predicts, if it can be found."""
+    head = backbone.model.get_classifier()
+    weight = getattr(head, "weight", None) if isinstance(head, nn.Module) else None
+    for name, param in backbone.model.named_parameters():
+        if param is weight and name in state:
+            return state[name].shape[0]
+    return None

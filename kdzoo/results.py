@@ -1,0 +1,122 @@
+"""Result rows (CSV) and what is rendered from them: Markdown tables and PNG bar charts.
+
+Runs append rows; tables and plots are regenerated from the rows, never typed by hand
+(``tools/render_results.py`` does it for any results CSV).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["RESULT_FIELDS", "append_row", "latest_rows", "plot_bars", "read_rows", "render_table"]
+
+RESULT_FIELDS = (
+    "run",
+    "method",
+    "student",
+    "teacher",
+    "dataset",
+    "top1",
+    "paper_top1",
+    "seed",
+    "epochs",
+    "wall_clock_s",
+    "config",
+    "git_commit",
+    "finished_at",
+)
+
+
+def append_row(path: str | Path, row: Mapping[str, Any]) -> None:
+    """Append one row to ``path`` (created with a header if new). Earlier rows are kept."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != RESULT_FIELDS:
+            raise ValueError(
+                f"{path} has columns {header}, expected {list(RESULT_FIELDS)}: move it away or "
+                "write to another --out directory (kdzoo never rewrites a results file)"
+            )
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: row.get(k, "") for k in RESULT_FIELDS})
+
+
+def read_rows(path: str | Path) -> list[dict[str, str]]:
+    with Path(path).open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def latest_rows(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
+    """The newest row of each run name, in the order the runs first appear."""
+    latest: dict[str, Mapping[str, str]] = {}
+    for row in rows:
+        latest[row["run"]] = row
+    return list(latest.values())
+
+
+def render_table(rows: Sequence[Mapping[str, str]], title: str | None = None) -> str:
+    """A Markdown table of the newest row of each run."""
+    columns = [
+        ("run", "run"),
+        ("method", "method"),
+        ("student", "student"),
+        ("teacher", "teacher"),
+        ("dataset", "dataset"),
+        ("top1", "top-1 (%)"),
+        ("paper_top1", "paper top-1 (%)"),
+        ("epochs", "epochs"),
+        ("seed", "seed"),
+        ("wall_clock_s", "time (s)"),
+        ("git_commit", "commit"),
+    ]
+    lines = [f"## {title}", ""] if title else []
+    lines.append("| " + " | ".join(header for _, header in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    for row in latest_rows(rows):
+        cells = [_format(key, row.get(key, "")) for key, _ in columns]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_bars(rows: Sequence[Mapping[str, str]], path: str | Path, title: str = "") -> None:
+    """A bar chart of top-1 accuracy per run (newest row of each run)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = latest_rows(rows)
+    names = [r["run"] for r in rows]
+    values = [float(r["top1"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
+    bars = ax.bar(names, values, color="#4c72b0")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
+    low = min(values) if values else 0.0
+    ax.set_ylim(max(0.0, low - 10.0), 100.0)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.set_title(title)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _format(key: str, value: str) -> str:
+    if value in ("", None):
+        return "-"
+    if key in ("top1", "paper_top1"):
+        return f"{float(value):.2f}"
+    if key == "wall_clock_s":
+        return f"{float(value):.0f}"
+    if key == "git_commit":
+        return value[:10]
+    return str(value)

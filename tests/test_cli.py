@@ -1,0 +1,212 @@
+"""End-to-end tests through the real ``kdzoo`` command, in subprocesses, on scikit-learn digits."""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+KDZOO = str(Path(sys.executable).with_name("kdzoo"))
+# Small and fast: 400 training images, 200 for val and test (even, so two DDP ranks split
+# them without padding and synced metrics must equal single-process ones).
+DATA = [
+    "--data=Digits",
+    "--data.train_subset=400",
+    "--data.eval_subset=200",
+    "--data.batch_size=50",
+    "--data.num_workers=0",
+]
+QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+KD_STUDENT = ["--model=KD", "--model.student=test_efficientnet", "--model.teacher.name=test_resnet"]
+
+pytestmark = pytest.mark.slow
+
+
+def kdzoo(*args: str, cwd: Path, expect_fail: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(
+        [KDZOO, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
+    if expect_fail:
+        assert proc.returncode != 0, f"kdzoo {args} should have failed:\n{proc.stdout}"
+    else:
+        assert proc.returncode == 0, f"kdzoo {args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def last_metrics(log_dir: Path) -> dict[str, float]:
+    """Last non-empty value of every column of a CSVLogger's metrics.csv."""
+    values: dict[str, float] = {}
+    with (log_dir / "metrics.csv").open() as f:
+        for row in csv.DictReader(f):
+            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
+    return values
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory) -> Path:
+    """A small teacher trained once through ``kdzoo fit --model Supervised``."""
+    cwd = tmp_path_factory.mktemp("teacher")
+    kdzoo(
+        "fit", "--model=Supervised", "--model.student=test_resnet", *DATA, *QUIET,
+        "--trainer.max_epochs=2", "--trainer.logger.init_args.name=teacher", cwd=cwd,
+    )  # fmt: skip
+    ckpts = sorted((cwd / "runs/teacher/version_0/checkpoints").glob("best-*.ckpt"))
+    assert len(ckpts) == 1
+    return ckpts[0]
+
+
+def test_help_lists_every_subcommand(tmp_path):
+    out = kdzoo("--help", cwd=tmp_path).stdout
+    for name in ("fit", "validate", "test", "predict", "bench"):
+        assert f"  {name} " in out
+
+
+def test_fit_then_test_kd(tmp_path, teacher_ckpt):
+    kdzoo(
+        "fit", *KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, *QUIET,
+        "--trainer.max_epochs=1", cwd=tmp_path,
+    )  # fmt: skip
+    run = tmp_path / "runs/lightning_logs/version_0"
+    assert (run / "config.yaml").is_file(), "the run config is saved next to the logs"
+    best = next((run / "checkpoints").glob("best-*.ckpt"))
+    state = torch.load(best, weights_only=True)["state_dict"]
+    assert state and not any(k.startswith("teacher.") for k in state)
+    out = kdzoo("test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
+    assert "test/top1" in out.stdout
+    test_top1 = last_metrics(tmp_path / "runs/lightning_logs/version_1")["test/top1"]
+    assert 0.0 <= test_top1 <= 1.0
+
+
+def test_print_config_round_trip(tmp_path, teacher_ckpt):
+    args = [*KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, "--model.temperature=2"]
+    first = kdzoo("fit", *args, "--print_config", cwd=tmp_path).stdout
+    (tmp_path / "run.yaml").write_text(first)
+    second = kdzoo("fit", "-c", "run.yaml", "--print_config", cwd=tmp_path).stdout
+    assert first == second
+    config = yaml.safe_load(first)
+    assert config["model"]["class_path"] == "kdzoo.methods.KD"
+    assert config["model"]["init_args"]["temperature"] == 2.0
+    # The printed config runs as it is.
+    kdzoo("fit", "-c", "run.yaml", *QUIET, "--trainer.max_steps=2", cwd=tmp_path)
+
+
+def test_resume_from_last(tmp_path):
+    common = ["--model=Supervised", "--model.student=test_resnet", *DATA, *QUIET]
+    kdzoo("fit", *common, "--trainer.max_epochs=1", cwd=tmp_path)
+    run = tmp_path / "runs/lightning_logs/version_0"
+    original_config = (run / "config.yaml").read_text()
+    first = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    kdzoo("fit", *common, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=tmp_path)
+    assert not (tmp_path / "runs/lightning_logs/version_1").exists(), "resumes into its run"
+    assert (run / "config.yaml").read_text() == original_config, "never overwritten"
+    assert (run / "config.1.yaml").is_file()
+    last = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
+    before = {r["epoch"] for r in csv.DictReader((run / "metrics.0.csv").open())}
+    after = {r["epoch"] for r in csv.DictReader((run / "metrics.csv").open())}
+    assert before == {"0"} and after == {"1"}, "both parts' logs are kept in the run directory"
+    assert first["global_step"] == 8 and last["global_step"] == 2 * 8  # 400 images / 50 a batch
+
+
+def test_resume_without_previous_run_is_a_clear_error(tmp_path):
+    proc = kdzoo(
+        "fit", "--model=Supervised", "--model.student=test_resnet", *DATA, "--ckpt_path=last",
+        cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    assert "no last.ckpt under runs/lightning_logs" in proc.stderr
+
+
+def test_bf16_mixed_on_cpu(tmp_path, teacher_ckpt):
+    kdzoo(
+        "fit", *KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, *QUIET,
+        "--trainer.max_epochs=1", "--trainer.precision=bf16-mixed", cwd=tmp_path,
+    )  # fmt: skip
+    metrics = last_metrics(tmp_path / "runs/lightning_logs/version_0")
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    assert 0.0 <= metrics["val/top1"] <= 1.0
+
+
+def test_ddp_two_cpu_processes_sync_metrics(tmp_path, teacher_ckpt):
+    kdzoo(
+        "fit", *KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, *QUIET,
+        "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.devices=2",
+        "--trainer.strategy=ddp", cwd=tmp_path,
+    )  # fmt: skip
+    run = tmp_path / "runs/lightning_logs/version_0"
+    ddp_top1 = last_metrics(run)["val/top1"]
+    # The same checkpoint evaluated by one process over the whole validation split.
+    kdzoo(
+        "validate", "-c", str(run / "config.yaml"), "--trainer.devices=1",
+        "--trainer.strategy=auto", f"--ckpt_path={run / 'checkpoints/last.ckpt'}", cwd=tmp_path,
+    )  # fmt: skip
+    single_top1 = last_metrics(tmp_path / "runs/lightning_logs/version_1")["val/top1"]
+    assert ddp_top1 == pytest.approx(single_top1, abs=1e-6)
+
+
+def test_bench_quick_fast(tmp_path):
+    proc = kdzoo(
+        "bench", "run", "quick", "--fast", "--out", str(tmp_path / "results"), cwd=tmp_path
+    )
+    rows = list(csv.DictReader((tmp_path / "results/quick_fast.csv").open()))
+    assert [r["run"] for r in rows] == ["teacher", "baseline", "kd"]
+    for row in rows:
+        assert 0.0 <= float(row["top1"]) <= 100.0
+        assert row["dataset"] == "FashionMNIST" and row["seed"] == "0"
+        assert Path(row["config"]).is_file()
+        assert row["git_commit"]
+    assert rows[2]["teacher"] == rows[0]["student"]
+    table = (tmp_path / "results/quick_fast.md").read_text()
+    assert "| kd | KD |" in table and table.strip() in proc.stdout
+    assert (tmp_path / "results/quick_fast.png").stat().st_size > 0
+
+
+# ---- bad input: a clear message, no traceback ---------------------------------------------------
+def assert_clear_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    message = proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in message, message
+    assert "Traceback" not in message, message
+
+
+def test_missing_dataset_root(tmp_path):
+    missing = tmp_path / "nowhere"
+    proc = kdzoo(
+        "fit", "--model=Supervised", "--model.student=test_resnet", "--data=FashionMNIST",
+        f"--data.root={missing}", cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    assert_clear_error(proc, str(missing), "apt-get install dataset-fashion-mnist")
+
+
+def test_teacher_checkpoint_that_does_not_exist(tmp_path):
+    proc = kdzoo(
+        "fit", *KD_STUDENT, "--model.teacher.weights=missing/teacher.ckpt", *DATA,
+        cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    assert_clear_error(proc, "missing/teacher.ckpt", "not found")
+
+
+def test_student_teacher_class_count_mismatch(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    five_classes = timm.create_model("test_resnet", num_classes=5, in_chans=1)
+    save_file(five_classes.state_dict(), tmp_path / "teacher5.safetensors")
+    proc = kdzoo(
+        "fit", *KD_STUDENT, "--model.teacher.weights=teacher5.safetensors", *DATA,
+        cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    assert_clear_error(proc, "predicts 5 classes", "built for 10")
+
+
+def test_unknown_config_key(tmp_path):
+    (tmp_path / "typo.yaml").write_text(
+        "model:\n  class_path: KD\n  init_args:\n    temprature: 3.0\n"
+    )
+    proc = kdzoo("fit", "-c", "typo.yaml", *DATA, cwd=tmp_path, expect_fail=True)
+    assert "temprature" in proc.stderr

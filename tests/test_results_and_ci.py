@@ -1,0 +1,107 @@
+"""Result files (CSV rows, rendered tables and plots), suite files, and the CI/README contract."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kdzoo.bench import load_suite
+from kdzoo.results import RESULT_FIELDS, append_row, plot_bars, read_rows, render_table
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / ".ci"))
+from readme_command import readme_command  # noqa: E402
+
+
+def row(run: str, top1: float) -> dict:
+    fields = {"method": "KD", "student": "s", "teacher": "t", "dataset": "D", "seed": 0}
+    return {"run": run, "top1": top1, "epochs": 1, "git_commit": "abcdef0123456789", **fields}
+
+
+def test_append_keeps_earlier_rows_and_table_shows_latest_per_run(tmp_path):
+    path = tmp_path / "r.csv"
+    append_row(path, row("teacher", 90.0))
+    append_row(path, row("kd", 80.0))
+    append_row(path, row("kd", 81.5))
+    rows = read_rows(path)
+    assert [r["top1"] for r in rows] == ["90.0", "80.0", "81.5"]
+    table = render_table(rows)
+    assert "| kd | KD | s | t | D | 81.50 |" in table
+    assert "80.00" not in table
+    assert table.count("\n| ") == 2  # one line per run below the header
+    assert "abcdef0123" in table and "abcdef01234" not in table
+
+
+def test_append_refuses_a_foreign_csv(tmp_path):
+    path = tmp_path / "r.csv"
+    path.write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="move it away"):
+        append_row(path, row("kd", 1.0))
+    assert path.read_text() == "a,b\n1,2\n", "never rewritten"
+
+
+def test_plot_is_written(tmp_path):
+    plot_bars([row("a", 50.0), row("b", 60.0)], tmp_path / "p.png", title="t")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_render_tool_regenerates_table_from_csv(tmp_path):
+    path = tmp_path / "quick.csv"
+    append_row(path, row("kd", 77.25))
+    subprocess.run([sys.executable, str(ROOT / "tools/render_results.py"), str(path)], check=True,
+                   capture_output=True)  # fmt: skip
+    assert "77.25" in (tmp_path / "quick.md").read_text()
+    assert (tmp_path / "quick.png").is_file()
+
+
+def test_quick_suite_is_valid():
+    suite = load_suite("quick", ROOT / "configs")
+    assert [r["name"] for r in suite["runs"]][:3] == ["teacher", "baseline", "kd"]
+    for run in suite["runs"]:
+        for config in [*suite["base"], *run["configs"]]:
+            assert (ROOT / "configs" / config).is_file(), config
+
+
+def test_suite_teacher_must_come_first(tmp_path):
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench/bad.yaml").write_text(
+        "runs:\n  - {name: kd, configs: [], teacher: teacher}\n  - {name: teacher, configs: []}\n"
+    )
+    with pytest.raises(SystemExit, match="needs teacher run 'teacher' to come before it"):
+        load_suite("bad", tmp_path)
+
+
+def test_result_fields_cover_the_issue():
+    needed = {"method", "student", "teacher", "dataset", "top1", "seed", "epochs",
+              "wall_clock_s", "config", "git_commit"}  # fmt: skip
+    assert needed <= set(RESULT_FIELDS)
+
+
+def test_ci_runs_the_readme_test_command():
+    command = readme_command("test")
+    ci = (ROOT / ".ci/run").read_text()
+    assert "readme_command.py test" in ci
+    for part in ("pip install", '".[dev]"', "ruff check", "ruff format --check", "pytest"):
+        assert part in command
+    assert "kdzoo bench run quick" in readme_command("bench")
+    # The README shows each command as one line.
+    readme = (ROOT / "README.md").read_text()
+    assert readme.count(command) == 1
+
+
+def test_readme_quick_table_is_the_rendered_one():
+    """The README's quick-benchmark table is copied from results rendered by the bench."""
+    readme = (ROOT / "README.md").read_text()
+    assert "QUICK_TABLE" not in readme
+    assert "| teacher | Supervised | resnet18 |" in readme
+
+
+def test_csv_header_order_is_stable(tmp_path):
+    path = tmp_path / "r.csv"
+    append_row(path, row("a", 1.0))
+    with path.open() as f:
+        assert tuple(next(csv.reader(f))) == RESULT_FIELDS
