@@ -19,6 +19,7 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 
 import kdzoo.datamodules
 import kdzoo.methods  # noqa: F401  (registers the methods for --model NAME)
+from kdzoo.callbacks import PredictionWriter
 from kdzoo.errors import KDZooError
 
 __all__ = ["KDCLI", "main"]
@@ -74,6 +75,7 @@ class KDCLI(LightningCLI):
                 f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate"
             )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/top1",

@@ -82,6 +82,12 @@ def test_fit_then_test_kd(tmp_path, teacher_ckpt):
     assert "test/top1" in out.stdout
     test_top1 = last_metrics(tmp_path / "runs/lightning_logs/version_1")["test/top1"]
     assert 0.0 <= test_top1 <= 1.0
+    kdzoo("predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "runs/lightning_logs/version_2/predictions.csv").open()))
+    assert len(rows) == 200 and sorted(int(r["index"]) for r in rows) == list(range(200))
+    probs = [float(rows[0][f"p{c}"]) for c in range(10)]
+    assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+    assert int(rows[0]["prediction"]) == max(range(10), key=probs.__getitem__)
 
 
 def test_print_config_round_trip(tmp_path, teacher_ckpt):

@@ -1,0 +1,58 @@
+"""Callbacks the ``kdzoo`` command adds to every run."""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import BasePredictionWriter
+
+__all__ = ["PredictionWriter"]
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Writes ``kdzoo predict`` outputs to ``predictions.csv`` next to the run's logs.
+
+    One row per image of the predict split, in loader order: its index, the predicted class and
+    the class probabilities. Under DDP every rank writes ``predictions.rank<R>.csv`` with the
+    dataset indices it saw. An existing file is never overwritten: a numbered name is used.
+
+    Args:
+        output_dir: where to write (default: the trainer's log directory).
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        super().__init__(write_interval="epoch")
+        self.output_dir = output_dir
+
+    def write_on_epoch_end(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        predictions: Sequence[Any],
+        batch_indices: Sequence[Any],
+    ) -> None:
+        directory = Path(self.output_dir or trainer.log_dir or ".")
+        directory.mkdir(parents=True, exist_ok=True)
+        stem = (
+            "predictions" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}"
+        )
+        path, n = directory / f"{stem}.csv", 0
+        while path.exists():
+            n += 1
+            path = directory / f"{stem}.{n}.csv"
+        indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
+        probs = torch.cat([p["probs"] for p in predictions]) if predictions else torch.empty(0, 0)
+        if len(indices) != len(probs):  # loaders without a sampler that reports indices
+            indices = list(range(len(probs)))
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["index", "prediction", *[f"p{c}" for c in range(probs.shape[1])]])
+            predicted = probs.argmax(dim=1).tolist() if len(probs) else []
+            for index, label, row in zip(indices, predicted, probs.tolist(), strict=True):
+                writer.writerow([index, label, *[f"{p:.6g}" for p in row]])
+        print(f"kdzoo predict: wrote {len(probs)} predictions to {path}")
