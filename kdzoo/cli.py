@@ -8,8 +8,10 @@ are subcommands of the same entry point, built with jsonargparse.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -32,6 +34,19 @@ TRAINER_COMMANDS = {
 }
 # Values every model takes from the datamodule, so the two can never disagree.
 LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "mean", "std")
+
+
+def _quiet_lightning() -> None:
+    """Drop Lightning's advertising tip and a deprecation warning it raises against new torch."""
+
+    class _NoTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.getMessage()).startswith("💡 Tip")
+
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        for handler in logging.getLogger(name).handlers:
+            handler.addFilter(_NoTips())
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
 
 
 class KDSaveConfigCallback(SaveConfigCallback):
@@ -180,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if not args or args[0] in ("-h", "--help"):
         _print_help()
         return
+    _quiet_lightning()
     if args[0] in TOOL_COMMANDS:
         TOOL_COMMANDS[args[0]][1](args[1:])
         return

@@ -17,6 +17,7 @@ Every DataModule here follows one contract so that a LightningCLI config can swa
 
 import os
 import random
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ def default_cache_dir(subdir: str) -> Path:
     return Path.home() / ".cache" / "kdzoo" / "data" / subdir
 
 
-class TransformedDataset(Dataset):
+class TransformedDataset(Dataset, ABC):
     """Base for datasets that run each item through an albumentations pipeline.
 
     Albumentations 2.x keeps its own RNG, independent of numpy/torch global state, so reproducible
@@ -147,9 +148,9 @@ class TransformedDataset(Dataset):
         image = self.transform(image=self.load_image(j))["image"]
         return image, int(self._targets[j])
 
+    @abstractmethod
     def load_image(self, j: int) -> np.ndarray:
         """The uint8 ``H x W x C`` image at position ``j`` of the underlying data."""
-        raise NotImplementedError
 
     def reseed(self, seed: int) -> None:
         """Restart the augmentation RNG from ``seed`` (mixed with ``rank``)."""
@@ -223,7 +224,7 @@ def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
         raise DataError(f"{name} must be {accepted}, got {value!r}")
 
 
-class ImageClassificationDataModule(L.LightningDataModule):
+class ImageClassificationDataModule(L.LightningDataModule, ABC):
     """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``.
 
     Subclasses set the class attributes describing their data and implement :meth:`load_data`,
@@ -362,7 +363,7 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     def download(self, directory: Path) -> None:
         """Download the dataset into ``directory`` (subclasses with ``can_download``)."""
-        raise NotImplementedError
+        raise DataError(f"kdzoo cannot download {self.name}: {'; '.join(self.how_to_get())}")
 
     def prepare_data(self) -> None:
         """Check the data is present, downloading it first if missing and ``download=True``."""
@@ -378,10 +379,10 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     # -- datasets ---------------------------------------------------------------------------------
 
+    @abstractmethod
     def load_data(self) -> tuple[tuple[Any, Any], tuple[Any, Any]]:
         """Return ``((train_items, train_targets), (test_items, test_targets))`` of the official
         splits; items are what :meth:`make_dataset` accepts. Must never download."""
-        raise NotImplementedError
 
     def make_dataset(
         self, items: Any, targets: Any, indices: np.ndarray, transform: A.Compose, rank: int
@@ -426,13 +427,13 @@ class ImageClassificationDataModule(L.LightningDataModule):
 
     # -- transforms -------------------------------------------------------------------------------
 
+    @abstractmethod
     def train_transforms(self) -> Transforms:
         """Spatial training augmentations on uint8 ``H x W x C`` images, ending at image_size."""
-        raise NotImplementedError
 
+    @abstractmethod
     def eval_transforms(self) -> Transforms:
         """Deterministic spatial transforms on uint8 images, ending at image_size."""
-        raise NotImplementedError
 
     def resize(self) -> list[A.BasicTransform]:
         """A resize to ``image_size`` when it differs from the native size, else nothing."""

@@ -11,6 +11,7 @@ config when a checkpoint is loaded). Modelled on ``timm/task/distillation.py``.
 from __future__ import annotations
 
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
@@ -33,7 +34,7 @@ _TEACHER_PREFIX = "teacher."
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(L.LightningModule, ABC):
     """A timm student trained from named, weighted loss terms; evaluated by top-1/top-5 accuracy.
 
     Subclasses implement :meth:`loss_terms` (a ``dict`` of unweighted scalar losses) and set
@@ -89,9 +90,9 @@ class ClassificationModule(L.LightningModule):
         self.test_metrics = metrics.clone(prefix="test/")
 
     # ---- what a method provides -------------------------------------------------------------
+    @abstractmethod
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         """Unweighted scalar loss terms for one training batch, keyed by name."""
-        raise NotImplementedError  # abstractmethod: every method defines its losses
 
     # ---- training: weighted sum and logging, written once ------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
