@@ -8,8 +8,10 @@ import re
 import sys
 from pathlib import Path
 
+README = Path(__file__).resolve().parent.parent / "README.md"
 
-def readme_command(name: str, readme: Path = Path(__file__).resolve().parent.parent / "README.md"):
+
+def readme_command(name: str, readme: Path = README) -> str:
     match = re.search(
         rf"<!-- kdzoo:command {re.escape(name)} -->\s*```(?:bash|sh)?\n(.+?)\n```",
         readme.read_text(),
