@@ -1,7 +1,9 @@
 """One LightningModule per method; ``--model NAME`` picks one of these."""
 
 from kdzoo.methods.base import ClassificationModule, DistillationModule
+from kdzoo.methods.dist import DIST
+from kdzoo.methods.dkd import DKD
 from kdzoo.methods.kd import KD
 from kdzoo.methods.supervised import Supervised
 
-__all__ = ["KD", "ClassificationModule", "DistillationModule", "Supervised"]
+__all__ = ["DIST", "DKD", "KD", "ClassificationModule", "DistillationModule", "Supervised"]

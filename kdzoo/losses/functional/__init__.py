@@ -1,5 +1,8 @@
 """Pure loss functions ``<name>_loss(student, teacher, ..., *, hyper_parameters)``, a file each."""
 
+from kdzoo.losses.functional.dist import dist_loss
+from kdzoo.losses.functional.dkd import dkd_loss
 from kdzoo.losses.functional.kd import kd_loss
+from kdzoo.losses.functional.nd import nd_loss
 
-__all__ = ["kd_loss"]
+__all__ = ["dist_loss", "dkd_loss", "kd_loss", "nd_loss"]
