@@ -4,5 +4,6 @@ from kdzoo.losses.functional.dist import dist_loss
 from kdzoo.losses.functional.dkd import dkd_loss
 from kdzoo.losses.functional.kd import kd_loss
 from kdzoo.losses.functional.nd import nd_loss
+from kdzoo.losses.functional.pld import pld_loss
 
-__all__ = ["dist_loss", "dkd_loss", "kd_loss", "nd_loss"]
+__all__ = ["dist_loss", "dkd_loss", "kd_loss", "nd_loss", "pld_loss"]
