@@ -2,7 +2,9 @@
 
 A suite is a YAML file ``configs/bench/<suite>.yaml``: config files shared by every run, a list
 of runs (each a list of config files, optional extra CLI arguments, and optionally the earlier
-run whose best checkpoint is its teacher), and the overrides of the ``--fast`` preset. Adding a
+run whose best checkpoint is its teacher), and the overrides of the ``--fast`` preset. In a run's
+arguments ``{best:RUN}`` stands for the best checkpoint of the earlier run ``RUN`` (e.g. several
+specialist teachers, or a fine-tuned teacher's initial weights). Adding a
 method to a suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
 :class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
 one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
@@ -72,7 +74,8 @@ def run_suite(
         args = ["fit"]
         for config in [*suite.get("base", []), *run.get("configs", [])]:
             args += ["-c", str(configs_dir / config)]
-        args += [*run.get("args", []), *(suite.get("fast", []) if fast else [])]
+        args += [_fill_checkpoints(arg, best) for arg in run.get("args", [])]
+        args += suite.get("fast", []) if fast else []
         if run.get("teacher"):
             args.append(f"--model.init_args.teacher.weights={best[run['teacher']]}")
         if download:
@@ -96,7 +99,7 @@ def run_suite(
             "teacher": (hparams.get("teacher") or {}).get("name", ""),
             "dataset": type(cli.datamodule).__name__,
             "top1": round(100.0 * float(metrics[0]["test/top1"]), 4),
-            "paper_top1": run.get("paper_top1", ""),
+            "paper_top1": _or_empty(run.get("paper_top1", cli.config.fit.get("paper_top1"))),
             "seed": seed,
             "epochs": cli.trainer.current_epoch,
             "wall_clock_s": round(time.perf_counter() - start, 1),
@@ -107,11 +110,28 @@ def run_suite(
         append_row(out / f"{table}.csv", row)
         rows.append(row)
     all_rows = read_rows(out / f"{table}.csv")
-    markdown = render_table(all_rows, title=f"kdzoo bench {name}{' --fast' if fast else ''}")
+    markdown = render_table(
+        all_rows,
+        title=f"kdzoo bench {name}{' --fast' if fast else ''}",
+        reference=suite.get("reference"),
+    )
     (out / f"{table}.md").write_text(markdown)
     plot_bars(all_rows, out / f"{table}.png", title=f"kdzoo bench {name}: test top-1")
     print(markdown)
     return rows
+
+
+def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
+    """Replace each ``{best:RUN}`` in a run argument by the best checkpoint of earlier run RUN."""
+    for name, path in best.items():
+        arg = arg.replace(f"{{best:{name}}}", path)
+    if "{best:" in arg:
+        raise SystemExit(f"error: {arg!r} names a run that has not run before it")
+    return arg
+
+
+def _or_empty(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def git_commit() -> str:

@@ -89,6 +89,13 @@ class KDCLI(LightningCLI):
             parser.link_arguments(
                 f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate"
             )
+        parser.add_argument(
+            "--paper_top1",
+            type=float | None,
+            default=None,
+            help="the top-1 accuracy (%%) the method's paper reports for this config; "
+            "kdzoo bench prints it beside the measured one",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults(

@@ -7,11 +7,20 @@ Runs append rows; tables and plots are regenerated from the rows, never typed by
 from __future__ import annotations
 
 import csv
+import statistics
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["RESULT_FIELDS", "append_row", "latest_rows", "plot_bars", "read_rows", "render_table"]
+__all__ = [
+    "RESULT_FIELDS",
+    "append_row",
+    "latest_rows",
+    "plot_bars",
+    "read_rows",
+    "render_table",
+    "summarise",
+]
 
 RESULT_FIELDS = (
     "run",
@@ -56,15 +65,43 @@ def read_rows(path: str | Path) -> list[dict[str, str]]:
 
 
 def latest_rows(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
-    """The newest row of each run name, in the order the runs first appear."""
-    latest: dict[str, Mapping[str, str]] = {}
+    """The newest row of each (run, seed), in the order the runs first appear."""
+    latest: dict[tuple[str, str], Mapping[str, str]] = {}
     for row in rows:
-        latest[row["run"]] = row
-    return list(latest.values())
+        latest[(row["run"], str(row.get("seed", "")))] = row
+    order = list(dict.fromkeys(row["run"] for row in rows))
+    return sorted(latest.values(), key=lambda r: order.index(r["run"]))
 
 
-def render_table(rows: Sequence[Mapping[str, str]], title: str | None = None) -> str:
-    """A Markdown table of the newest row of each run."""
+def summarise(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
+    """One entry per run: the newest row of its newest seed, plus ``top1`` as the mean over the
+    newest row of every seed, ``top1_sd`` (sample standard deviation, ``""`` for one seed),
+    ``seeds`` ("0,1") and ``n``."""
+    by_run: dict[str, list[Mapping[str, str]]] = {}
+    for row in latest_rows(rows):
+        by_run.setdefault(row["run"], []).append(row)
+    summary = []
+    for run_rows in by_run.values():
+        values = [float(r["top1"]) for r in run_rows]
+        mean = statistics.fmean(values)
+        entry = dict(run_rows[-1])
+        entry.update(
+            top1=mean,
+            top1_sd=statistics.stdev(values) if len(values) > 1 else "",
+            seeds=",".join(str(r.get("seed", "")) for r in run_rows),
+            n=len(values),
+        )
+        summary.append(entry)
+    return summary
+
+
+def render_table(
+    rows: Sequence[Mapping[str, str]], title: str | None = None, reference: str | None = None
+) -> str:
+    """A Markdown table, one line per run: mean top-1 over the seeds run (newest row of each),
+    its standard deviation, and with ``reference`` (a run name) the difference to that run."""
+    summary = summarise(rows)
+    reference_top1 = next((e["top1"] for e in summary if e["run"] == reference), None)
     columns = [
         ("run", "run"),
         ("method", "method"),
@@ -72,29 +109,33 @@ def render_table(rows: Sequence[Mapping[str, str]], title: str | None = None) ->
         ("teacher", "teacher"),
         ("dataset", "dataset"),
         ("top1", "top-1 (%)"),
+        ("top1_sd", "sd"),
+        *([("delta", f"vs {reference}")] if reference_top1 is not None else []),
         ("paper_top1", "paper top-1 (%)"),
         ("epochs", "epochs"),
-        ("seed", "seed"),
+        ("seeds", "seeds"),
         ("wall_clock_s", "time (s)"),
         ("git_commit", "commit"),
     ]
     lines = [f"## {title}", ""] if title else []
     lines.append("| " + " | ".join(header for _, header in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
-    for row in latest_rows(rows):
-        cells = [_format(key, row.get(key, "")) for key, _ in columns]
+    for entry in summary:
+        if reference_top1 is not None:
+            entry["delta"] = f"{entry['top1'] - reference_top1:+.2f}"
+        cells = [_format(key, entry.get(key, "")) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_bars(rows: Sequence[Mapping[str, str]], path: str | Path, title: str = "") -> None:
-    """A bar chart of top-1 accuracy per run (newest row of each run)."""
+    """A bar chart of top-1 accuracy per run (mean over its seeds, see :func:`summarise`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = latest_rows(rows)
+    rows = summarise(rows)
     names = [r["run"] for r in rows]
     values = [float(r["top1"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
@@ -113,7 +154,7 @@ def plot_bars(rows: Sequence[Mapping[str, str]], path: str | Path, title: str = 
 def _format(key: str, value: str) -> str:
     if value in ("", None):
         return "-"
-    if key in ("top1", "paper_top1"):
+    if key in ("top1", "paper_top1", "top1_sd"):
         return f"{float(value):.2f}"
     if key == "wall_clock_s":
         return f"{float(value):.0f}"

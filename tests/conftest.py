@@ -13,9 +13,11 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the Hugging Face Hub offline even if a test or library changed the environment."""
+def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the Hugging Face Hub offline even if a test or library changed the environment, and
+    kdzoo's caches (``$KDZOO_HOME``) out of the user's home."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("KDZOO_HOME", str(tmp_path_factory.mktemp("kdzoo_home")))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -57,3 +57,11 @@ def test_missing_class_is_a_clear_error():
     y = torch.tensor([0, 0, 2])
     with pytest.raises(ConfigError, match=r"classes \[1\] have no samples"):
         class_mean_embeddings(lambda v: v[:, None].float(), batches_of(y, y, 2), 3)
+
+
+def test_missing_class_allowed_gives_a_zero_row_and_a_warning():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    y = torch.tensor([0, 2])
+    with pytest.warns(UserWarning, match=r"classes \[1\] have no samples"):
+        means = class_mean_embeddings(lambda t: t, [(x, y)], 3, allow_missing=True)
+    torch.testing.assert_close(means, torch.tensor([[1.0, 2.0], [0.0, 0.0], [3.0, 4.0]]))

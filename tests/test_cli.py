@@ -3,63 +3,22 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_helpers import DATA, QUIET, assert_clear_error, kdzoo, last_metrics, train_teacher
 
-KDZOO = str(Path(sys.executable).with_name("kdzoo"))
-# Small and fast: 400 training images, 200 for val and test (even, so two DDP ranks split
-# them without padding and synced metrics must equal single-process ones).
-DATA = [
-    "--data=Digits",
-    "--data.train_subset=400",
-    "--data.eval_subset=200",
-    "--data.batch_size=50",
-    "--data.num_workers=0",
-]
-QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 KD_STUDENT = ["--model=KD", "--model.student=test_efficientnet", "--model.teacher.name=test_resnet"]
 
 pytestmark = pytest.mark.slow
 
 
-def kdzoo(*args: str, cwd: Path, expect_fail: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(
-        [KDZOO, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
-    )
-    if expect_fail:
-        assert proc.returncode != 0, f"kdzoo {args} should have failed:\n{proc.stdout}"
-    else:
-        assert proc.returncode == 0, f"kdzoo {args} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def last_metrics(log_dir: Path) -> dict[str, float]:
-    """Last non-empty value of every column of a CSVLogger's metrics.csv."""
-    values: dict[str, float] = {}
-    with (log_dir / "metrics.csv").open() as f:
-        for row in csv.DictReader(f):
-            values.update({k: float(v) for k, v in row.items() if v not in ("", None)})
-    return values
-
-
 @pytest.fixture(scope="module")
 def teacher_ckpt(tmp_path_factory) -> Path:
     """A small teacher trained once through ``kdzoo fit --model Supervised``."""
-    cwd = tmp_path_factory.mktemp("teacher")
-    kdzoo(
-        "fit", "--model=Supervised", "--model.student=test_resnet", *DATA, *QUIET,
-        "--trainer.max_epochs=2", "--trainer.logger.init_args.name=teacher", cwd=cwd,
-    )  # fmt: skip
-    ckpts = sorted((cwd / "runs/teacher/version_0/checkpoints").glob("best-*.ckpt"))
-    assert len(ckpts) == 1
-    return ckpts[0]
+    return train_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def test_help_lists_every_subcommand(tmp_path):
@@ -173,13 +132,6 @@ def test_bench_quick_fast(tmp_path):
 
 
 # ---- bad input: a clear message, no traceback ---------------------------------------------------
-def assert_clear_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    message = proc.stderr + proc.stdout
-    for fragment in fragments:
-        assert fragment in message, message
-    assert "Traceback" not in message, message
-
-
 def test_missing_dataset_root(tmp_path):
     missing = tmp_path / "nowhere"
     proc = kdzoo(

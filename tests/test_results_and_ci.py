@@ -36,6 +36,18 @@ def test_append_keeps_earlier_rows_and_table_shows_latest_per_run(tmp_path):
     assert "abcdef0123" in table and "abcdef01234" not in table
 
 
+def test_table_averages_the_newest_row_of_each_seed(tmp_path):
+    path = tmp_path / "r.csv"
+    for run, top1, seed in [("kd", 70.0, 0), ("kd", 80.0, 0), ("kd", 84.0, 1), ("nd", 83.0, 0)]:
+        append_row(path, {**row(run, top1), "seed": seed})
+    table = render_table(read_rows(path), reference="kd")
+    # kd: mean of 80 (newest seed-0 row) and 84, sd = sqrt(8); nd: one seed, no sd.
+    assert "| kd | KD | s | t | D | 82.00 | 2.83 | +0.00 |" in table
+    assert "| nd | KD | s | t | D | 83.00 | - | +1.00 |" in table
+    assert "| 0,1 |" in table and "vs kd" in table
+    assert "vs kd" not in render_table(read_rows(path))
+
+
 def test_append_refuses_a_foreign_csv(tmp_path):
     path = tmp_path / "r.csv"
     path.write_text("a,b\n1,2\n")

@@ -8,6 +8,7 @@ ranks together see every sample exactly once (use :func:`rank_shard`, not a padd
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -25,6 +26,7 @@ def class_mean_embeddings(
     *,
     all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
+    allow_missing: bool = False,
 ) -> torch.Tensor:
     """``(num_classes, D)`` arithmetic means of ``embed(x)`` over the samples of each class.
 
@@ -35,6 +37,8 @@ def class_mean_embeddings(
         all_reduce_sum: sums a tensor over DDP ranks (e.g. ``trainer.strategy.reduce(t,
             reduce_op="sum")``); ``None`` in a single process.
         device: where ``embed`` runs.
+        allow_missing: give classes without samples a row of zeros (with a warning) instead of
+            raising; for tables only ever indexed by the labels of the same data.
     """
     sums: torch.Tensor | None = None
     counts = torch.zeros(num_classes, dtype=torch.float64, device=device)
@@ -50,9 +54,14 @@ def class_mean_embeddings(
     if all_reduce_sum is not None:
         sums, counts = all_reduce_sum(sums), all_reduce_sum(counts)
     missing = (counts == 0).nonzero().flatten().tolist()
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError(f"classes {missing} have no samples to compute their mean embedding")
-    return (sums / counts[:, None]).to(torch.float32)
+    if missing:
+        warnings.warn(
+            f"classes {missing} have no samples in the data: their class-mean rows are zero",
+            stacklevel=2,
+        )
+    return (sums / counts.clamp(min=1)[:, None]).to(torch.float32)
 
 
 def rank_shard(length: int, rank: int, world_size: int) -> range:

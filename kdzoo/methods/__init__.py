@@ -4,7 +4,17 @@ from kdzoo.methods.base import ClassificationModule, DistillationModule
 from kdzoo.methods.dist import DIST
 from kdzoo.methods.dkd import DKD
 from kdzoo.methods.kd import KD
+from kdzoo.methods.nd import ND
 from kdzoo.methods.pld import PLD
 from kdzoo.methods.supervised import Supervised
 
-__all__ = ["DIST", "DKD", "KD", "PLD", "ClassificationModule", "DistillationModule", "Supervised"]
+__all__ = [
+    "DIST",
+    "DKD",
+    "KD",
+    "ND",
+    "PLD",
+    "ClassificationModule",
+    "DistillationModule",
+    "Supervised",
+]
