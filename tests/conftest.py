@@ -29,3 +29,11 @@ def _single_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory):
+    """A small ``test_resnet`` Digits teacher trained once per session through ``kdzoo fit``."""
+    from cli_helpers import train_teacher
+
+    return train_teacher(tmp_path_factory.mktemp("teacher"))

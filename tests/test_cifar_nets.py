@@ -6,7 +6,10 @@ below match, the largest deviation being 0.6% (resnet20: 278,324 vs 0.28M), whic
 The other nine nets have no quoted reference and are covered by the structural tests only
 (their CRD equivalence -- state-dict keys and outputs -- was checked once against a transcription
 of the official code that is not part of the repository; `test_crd_state_dict_keys` pins a few
-of CRD's keys per family so checkpoints of CRD teachers keep loading).
+of CRD's keys per family so checkpoints of CRD teachers keep loading). The ImageNet-width ResNets
+of CRD's `models/resnetv2.py` (`resnet18_cifar`, `resnet34_cifar`, `resnet50_cifar`) get exact
+parameter counts from a closed-form formula and their full CRD state-dict key set, both written
+out below from the architecture.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from kdzoo.models.cifar import CIFAR_MODELS
 
 EXPECTED_NAMES = {
     *("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110"),
+    *("resnet18_cifar", "resnet34_cifar", "resnet50_cifar"),
     *("resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1", "wrn_40_2"),
     *("vgg8", "vgg11_cifar", "vgg13_cifar", "vgg16_cifar", "vgg19_cifar"),
     *("mobilenetv2_cifar", "shufflenetv1_cifar", "shufflenetv2_cifar"),
@@ -63,7 +67,7 @@ def test_registered_names() -> None:
         # Registered by kdzoo, not a timm model of the same name (timm warns and overwrites).
         assert _registry._model_entrypoints[name].__module__.startswith("kdzoo.models.cifar.")
     # timm's own names are untouched.
-    for name in ("vgg13", "mobilenetv2_050", "resnet18"):
+    for name in ("vgg13", "mobilenetv2_050", "resnet18", "resnet34", "resnet50"):
         assert _registry._model_entrypoints[name].__module__.startswith("timm.models.")
     assert kdzoo.models.cifar.CIFAR100_MEAN == (0.5071, 0.4865, 0.4409)
 
@@ -156,6 +160,8 @@ def test_pretrained_raises(name: str) -> None:
 # A few state-dict entries of CRD's models (HobbitLong/RepDistiller `models/`), per family.
 CRD_KEYS = {
     "resnet8x4": {"layer1.0.downsample.0.weight": (64, 32, 1, 1), "fc.weight": (100, 256)},
+    "resnet18_cifar": {"layer2.0.shortcut.1.running_mean": (128,), "linear.weight": (100, 512)},
+    "resnet50_cifar": {"layer1.0.shortcut.0.weight": (256, 64, 1, 1), "linear.weight": (100, 2048)},
     "wrn_40_2": {"block2.layer.0.convShortcut.weight": (64, 32, 1, 1), "bn1.running_var": (128,)},
     "vgg13_cifar": {"block0.3.weight": (64, 64, 3, 3), "classifier.weight": (100, 512)},
     "mobilenetv2_cifar": {
@@ -190,3 +196,180 @@ def test_loads_crd_style_checkpoint(tmp_path: Path, images: torch.Tensor) -> Non
         ).eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), source(images))
+
+
+# --- CRD's `models/resnetv2.py` nets (ResNet18/34/50 at CIFAR resolution) ----------------------
+
+# name -> (bottleneck blocks?, blocks per stage), as CRD's ResNet18 / ResNet34 / ResNet50 build.
+RESNETV2 = {
+    "resnet18_cifar": (False, (2, 2, 2, 2)),
+    "resnet34_cifar": (False, (3, 4, 6, 3)),
+    "resnet50_cifar": (True, (3, 4, 6, 3)),
+}
+RESNETV2_WIDTHS = (64, 128, 256, 512)
+RESNETV2_STRIDES = (1, 2, 2, 2)
+
+
+def crd_resnetv2_params(bottleneck: bool, num_blocks: tuple[int, ...], num_classes: int) -> int:
+    """Closed-form parameter count of CRD's `ResNet`: bias-free convs (cin * cout * k * k), BNs
+    with a weight and a bias (2c), a linear classifier. 3x3 stem to 64 channels; stages of widths
+    w = 64/128/256/512, the first block of a stage projecting its input (1x1 conv + BN) when the
+    stride is 2 or the channels change."""
+    total = 3 * 64 * 9 + 2 * 64  # stem conv + bn1
+    cin = 64
+    for w, stride, n in zip(RESNETV2_WIDTHS, RESNETV2_STRIDES, num_blocks, strict=True):
+        cout = 4 * w if bottleneck else w
+        for j in range(n):
+            if bottleneck:  # 1x1 cin->w, 3x3 w->w, 1x1 w->4w, three BNs
+                total += cin * w + 9 * w * w + w * cout + 2 * (w + w + cout)
+            else:  # 3x3 cin->w, 3x3 w->w, two BNs
+                total += 9 * cin * w + 9 * w * w + 2 * (w + w)
+            if j == 0 and (stride != 1 or cin != cout):
+                total += cin * cout + 2 * cout
+            cin = cout
+    return total + cin * num_classes + num_classes
+
+
+def crd_resnetv2_state_shapes(
+    bottleneck: bool, num_blocks: tuple[int, ...], num_classes: int
+) -> dict[str, tuple[int, ...]]:
+    """Every key of a CRD `ResNet` state dict (HobbitLong/RepDistiller `models/resnetv2.py`,
+    mdistiller's `cifar_teachers/ResNet50_vanilla`) with its shape: `conv1`, `bn1`,
+    `layer{1..4}.{j}.conv{1,2[,3]}` / `.bn{1,2[,3]}`, `layer{i}.0.shortcut.0` (conv) and
+    `.shortcut.1` (BN) where the block projects, `linear`. The avg-pool has no state."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(key: str, cin: int, cout: int, k: int) -> None:
+        shapes[f"{key}.weight"] = (cout, cin, k, k)
+
+    def bn(key: str, c: int) -> None:
+        for stat in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{key}.{stat}"] = (c,)
+        shapes[f"{key}.num_batches_tracked"] = ()
+
+    conv("conv1", 3, 64, 3)
+    bn("bn1", 64)
+    cin = 64
+    stages = zip(RESNETV2_WIDTHS, RESNETV2_STRIDES, num_blocks, strict=True)
+    for i, (w, stride, n) in enumerate(stages, start=1):
+        cout = 4 * w if bottleneck else w
+        for j in range(n):
+            block = f"layer{i}.{j}"
+            if bottleneck:
+                convs = ((cin, w, 1), (w, w, 3), (w, cout, 1))
+            else:
+                convs = ((cin, w, 3), (w, w, 3))
+            for k, (c_in, c_out, size) in enumerate(convs, start=1):
+                conv(f"{block}.conv{k}", c_in, c_out, size)
+                bn(f"{block}.bn{k}", c_out)
+            if j == 0 and (stride != 1 or cin != cout):
+                conv(f"{block}.shortcut.0", cin, cout, 1)
+                bn(f"{block}.shortcut.1", cout)
+            cin = cout
+    shapes["linear.weight"] = (num_classes, cin)
+    shapes["linear.bias"] = (num_classes,)
+    return shapes
+
+
+@pytest.fixture(scope="module")
+def resnet50_cifar() -> torch.nn.Module:
+    return timm.create_model("resnet50_cifar", num_classes=100).eval()
+
+
+def test_resnet50_cifar_create_forward(
+    resnet50_cifar: torch.nn.Module, images: torch.Tensor
+) -> None:
+    model = resnet50_cifar
+    assert type(model).__module__ == "kdzoo.models.cifar.cifar_resnetv2"
+    assert model.get_classifier(name_only=True) == "linear"
+    assert model.pretrained_cfg["classifier"] == "linear"
+    assert model.num_features == 2048
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (2, 100)
+    assert torch.isfinite(logits).all()
+    assert [f["num_chs"] for f in model.feature_info] == [64, 256, 512, 1024, 2048]
+    assert [f["reduction"] for f in model.feature_info] == [1, 1, 2, 4, 8]
+
+
+@pytest.mark.parametrize("name", sorted(RESNETV2))
+def test_resnetv2_param_count(name: str) -> None:
+    bottleneck, num_blocks = RESNETV2[name]
+    expected = crd_resnetv2_params(bottleneck, num_blocks, num_classes=100)
+    # The key-by-key shapes give the same count: two independent write-ups of CRD's net.
+    shapes = crd_resnetv2_state_shapes(bottleneck, num_blocks, num_classes=100)
+    trainable = [s for k, s in shapes.items() if k.endswith(("weight", "bias"))]
+    assert sum(torch.Size(s).numel() for s in trainable) == expected
+    model = timm.create_model(name, num_classes=100)
+    assert sum(p.numel() for p in model.parameters()) == expected
+    if name == "resnet50_cifar":  # the formula above worked out: 23.71M
+        assert expected == 23_705_252
+
+
+def test_resnet50_cifar_backbone_one_pass(images: torch.Tensor) -> None:
+    backbone = Backbone("resnet50_cifar", num_classes=100).eval()
+    assert backbone.embedding_dim == 2048
+    with torch.no_grad():
+        out = backbone(images, indices=[0, 1, 2, 3, 4])
+        direct = backbone.model(images)
+    torch.testing.assert_close(out.logits, direct)
+    assert out.logits.shape == (2, 100)
+    assert out.embedding.shape == (2, 2048)
+    assert [tuple(f.shape[1:]) for f in out.features] == [
+        (64, 32, 32),
+        (256, 32, 32),
+        (512, 16, 16),
+        (1024, 8, 8),
+        (2048, 4, 4),
+    ]
+    torch.testing.assert_close(backbone.model.linear(out.embedding), out.logits)
+
+
+def test_resnet50_cifar_features_only(images: torch.Tensor) -> None:
+    model = timm.create_model("resnet50_cifar", features_only=True).eval()
+    with torch.no_grad():
+        maps = model(images)
+    assert model.feature_info.channels() == [64, 256, 512, 1024, 2048]
+    assert [tuple(m.shape[1:]) for m in maps] == [
+        (64, 32, 32),
+        (256, 32, 32),
+        (512, 16, 16),
+        (1024, 8, 8),
+        (2048, 4, 4),
+    ]
+
+
+def test_resnet50_cifar_loads_crd_state_dict(
+    resnet50_cifar: torch.nn.Module, images: torch.Tensor
+) -> None:
+    """A state dict with exactly CRD's keys and shapes loads strictly and is what the net uses."""
+    shapes = crd_resnetv2_state_shapes(*RESNETV2["resnet50_cifar"], num_classes=100)
+    assert "layer1.0.shortcut.0.weight" in shapes and "layer1.1.shortcut.0.weight" not in shapes
+    own = resnet50_cifar.state_dict()
+    assert {k: tuple(v.shape) for k, v in own.items()} == shapes
+    generator = torch.Generator().manual_seed(1)
+    crd_state = {}
+    for key, shape in shapes.items():
+        if key.endswith("num_batches_tracked"):
+            crd_state[key] = torch.tensor(240)
+        elif key.endswith("running_var"):
+            crd_state[key] = torch.rand(shape, generator=generator) + 0.5
+        else:
+            crd_state[key] = 0.05 * torch.randn(shape, generator=generator)
+    model = timm.create_model("resnet50_cifar", num_classes=100).eval()
+    model.load_state_dict(crd_state, strict=True)
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, crd_state[key])
+    with torch.no_grad():
+        assert not torch.allclose(model(images), resnet50_cifar(images))
+
+
+def test_resnetv2_zero_init_residual() -> None:
+    model = timm.create_model("resnet18_cifar", zero_init_residual=True)
+    assert all((block.bn2.weight == 0).all() for block in model.layer1)
+    assert (model.layer1[0].bn1.weight == 1).all()
+    default = timm.create_model("resnet50_cifar", num_classes=10)
+    assert all((block.bn3.weight == 1).all() for block in default.layer4)
+    zeroed = timm.create_model("resnet50_cifar", num_classes=10, zero_init_residual=True)
+    for stage in (zeroed.layer1, zeroed.layer2, zeroed.layer3, zeroed.layer4):
+        assert all((block.bn3.weight == 0).all() for block in stage)

@@ -8,17 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cli_helpers import DATA, QUIET, assert_clear_error, kdzoo, last_metrics, train_teacher
+from cli_helpers import DATA, QUIET, assert_clear_error, kdzoo, last_metrics
 
 KD_STUDENT = ["--model=KD", "--model.student=test_efficientnet", "--model.teacher.name=test_resnet"]
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def teacher_ckpt(tmp_path_factory) -> Path:
-    """A small teacher trained once through ``kdzoo fit --model Supervised``."""
-    return train_teacher(tmp_path_factory.mktemp("teacher"))
 
 
 def test_help_lists_every_subcommand(tmp_path):

@@ -9,7 +9,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
-from cli_helpers import DATA, QUIET, kdzoo, last_metrics, train_teacher
+from cli_helpers import DATA, QUIET, kdzoo, last_metrics
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -214,8 +214,8 @@ def test_class_means_use_the_training_augmentation(tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_nd_cli_ddp_class_means_equal_single_process(tmp_path) -> None:
-    teacher = train_teacher(tmp_path)
+def test_nd_cli_ddp_class_means_equal_single_process(tmp_path, teacher_ckpt) -> None:
+    teacher = teacher_ckpt
     args = [
         "fit", "--model=ND", "--model.student=test_efficientnet",
         "--model.teacher.name=test_resnet", f"--model.teacher.weights={teacher}",

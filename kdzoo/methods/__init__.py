@@ -4,9 +4,11 @@ from kdzoo.methods.base import ClassificationModule, DistillationModule
 from kdzoo.methods.dist import DIST
 from kdzoo.methods.dkd import DKD
 from kdzoo.methods.kd import KD
+from kdzoo.methods.mcmi import MCMITeacher
 from kdzoo.methods.nd import ND
 from kdzoo.methods.pld import PLD
 from kdzoo.methods.supervised import Supervised
+from kdzoo.methods.tgeo import TGeoKD
 
 __all__ = [
     "DIST",
@@ -16,5 +18,7 @@ __all__ = [
     "PLD",
     "ClassificationModule",
     "DistillationModule",
+    "MCMITeacher",
     "Supervised",
+    "TGeoKD",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
 
-__all__ = ["Teacher", "TeacherSpec", "build_teacher"]
+__all__ = ["Teacher", "TeacherSpec", "build_teacher", "load_weights"]
 
 TIMM_PRETRAINED = "timm"
 
@@ -117,7 +117,7 @@ def build_teacher(
         teacher_mean = teacher_mean or cfg.get("mean")
         teacher_std = teacher_std or cfg.get("std")
     elif spec.weights is not None:
-        _load_weights(backbone, spec.weights)
+        load_weights(backbone, spec.weights)
         hparams = checkpoint_hyperparameters(spec.weights)
         teacher_mean = teacher_mean or hparams.get("mean")
         teacher_std = teacher_std or hparams.get("std")
@@ -130,7 +130,9 @@ def build_teacher(
     )
 
 
-def _load_weights(backbone: Backbone, weights: str) -> None:
+def load_weights(backbone: Backbone, weights: str) -> None:
+    """Load a weight file (see :func:`~kdzoo.models.weights.load_backbone_state`) into
+    ``backbone``, raising a :class:`WeightsError` that names the mismatch if it does not fit."""
     state = load_backbone_state(weights)
     expected = backbone.model.state_dict()
     mismatched = [

@@ -1,9 +1,20 @@
 """Pure loss functions ``<name>_loss(student, teacher, ..., *, hyper_parameters)``, a file each."""
 
+from kdzoo.losses.functional.cmi import conditional_mutual_information
 from kdzoo.losses.functional.dist import dist_loss
 from kdzoo.losses.functional.dkd import dkd_loss
 from kdzoo.losses.functional.kd import kd_loss
 from kdzoo.losses.functional.nd import nd_loss
 from kdzoo.losses.functional.pld import pld_loss
+from kdzoo.losses.functional.tgeo import tgeo_loss, tgeo_relations
 
-__all__ = ["dist_loss", "dkd_loss", "kd_loss", "nd_loss", "pld_loss"]
+__all__ = [
+    "conditional_mutual_information",
+    "dist_loss",
+    "dkd_loss",
+    "kd_loss",
+    "nd_loss",
+    "pld_loss",
+    "tgeo_loss",
+    "tgeo_relations",
+]

@@ -15,6 +15,9 @@ timm name              CRD / mdistiller     notes
 ``resnet8``            ``resnet8``          also ``resnet14/20/32/44/56/110``
 ``resnet8x4``          ``resnet8x4``        widths 32/64/128/256
 ``resnet32x4``         ``resnet32x4``       widths 32/64/128/256
+``resnet50_cifar``     ``ResNet50``         ImageNet widths, Bottleneck; also
+                                            ``resnet18_cifar``, ``resnet34_cifar``
+                                            (timm has ``resnet18``..``resnet50``)
 ``wrn_16_1``           ``wrn_16_1``         also ``wrn_16_2``, ``wrn_40_1``, ``wrn_40_2``
 ``vgg8``               ``vgg8`` (vgg8_bn)   BN variant, as in the tables
 ``vgg11_cifar``        ``vgg11`` (_bn)      also ``vgg13_cifar``, ``vgg16_cifar``,
@@ -38,6 +41,7 @@ import timm
 from kdzoo.models.cifar import (
     cifar_mobilenetv2,
     cifar_resnet,
+    cifar_resnetv2,
     cifar_shufflenet,
     cifar_vgg,
     cifar_wrn,
@@ -48,7 +52,7 @@ __all__ = ["CIFAR100_MEAN", "CIFAR100_STD", "CIFAR_MODELS", "CifarNet"]
 
 # timm groups models by the last component of their module name, hence the `cifar_` prefixes:
 # `timm.list_models(module='cifar_resnet')` does not mix with timm's own `resnet` module.
-_MODULES = (cifar_resnet, cifar_wrn, cifar_vgg, cifar_mobilenetv2, cifar_shufflenet)
+_MODULES = (cifar_resnet, cifar_resnetv2, cifar_wrn, cifar_vgg, cifar_mobilenetv2, cifar_shufflenet)
 CIFAR_MODELS: tuple[str, ...] = tuple(
     timm.list_models(module=[m.__name__.rsplit(".", 1)[-1] for m in _MODULES])
 )
