@@ -16,9 +16,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:LightningCLI's args parameter")
 
 ROOT = Path(__file__).resolve().parent.parent / "configs"
 CONFIGS = sorted(
-    p
-    for p in ROOT.glob("*/**/*.yaml")
-    if p.parent.name != "bench" and p.name != "defaults.yaml"
+    p for p in ROOT.glob("*/**/*.yaml") if p.parent.name != "bench" and p.name != "defaults.yaml"
 )
 
 

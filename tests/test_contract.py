@@ -59,7 +59,12 @@ COMMON_KWARGS: dict[str, Any] = {
     "std": STD,
 }
 # Extra constructor arguments a method needs beyond the generic recipe, keyed by class name.
-METHOD_KWARGS: dict[str, dict[str, Any]] = {}
+METHOD_KWARGS: dict[str, dict[str, Any]] = {
+    "KnowledgeConcentration": {
+        "specialists": [TeacherSpec("test_resnet") for _ in range(3)],
+        "verticals": [[0, 2, 4, 6], [5, 7, 9], [1, 3, 8]],
+    },
+}
 
 
 def build(cls: type[ClassificationModule], seed: int = 0, **overrides: Any) -> ClassificationModule:

@@ -244,6 +244,12 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         train_subset: keep only this many (seeded random) training items; ``None`` keeps all.
         eval_subset: same for the val and test splits.
         download: let ``prepare_data()`` download missing data (where the dataset supports it).
+        classes: keep only the samples of these classes (dataset class indices), in every split,
+            and relabel them ``0..k-1`` in the order given; ``num_classes`` is then ``k`` and
+            ``class_names`` the selected names. The train/val split is drawn before the
+            selection, so held-out images stay held out whatever the selection (the
+            specialists of Knowledge Concentration train on a vertical this way); the subsets
+            are drawn after it. ``None`` keeps every class.
     """
 
     name: str = "dataset"
@@ -274,6 +280,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         train_subset: int | None = None,
         eval_subset: int | None = None,
         download: bool = False,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__()
         _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
@@ -289,6 +296,9 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         if self.image_size is None:
             raise DataError(f"{type(self).__name__} needs an explicit image_size")
         self._class_names: tuple[str, ...] = self.default_class_names
+        self.classes = None if classes is None else [int(c) for c in classes]
+        if self.classes is not None:
+            self._check_classes()
         self.train: TransformedDataset | None = None
         self.val: TransformedDataset | None = None
         self.test: TransformedDataset | None = None
@@ -315,11 +325,35 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
 
     @property
     def class_names(self) -> list[str] | None:
-        return list(self._class_names) if self._class_names else None
+        names = self._class_names
+        if self.classes is not None and names:
+            names = tuple(names[c] for c in self.classes)
+        return list(names) if names else None
 
     @property
     def num_classes(self) -> int:
-        return len(self._class_names)
+        return len(self.classes) if self.classes is not None else len(self._class_names)
+
+    def _check_classes(self) -> None:
+        classes, total = self.classes, len(self._class_names)
+        duplicated = sorted({c for c in classes if classes.count(c) > 1})
+        out_of_range = sorted({c for c in classes if not 0 <= c < total})
+        problems = [] if classes else ["no class given"]
+        if duplicated:
+            problems.append(f"duplicated {duplicated}")
+        if out_of_range:
+            problems.append(f"out of range {out_of_range}")
+        if problems:
+            raise DataError(
+                f"classes={classes}: {', '.join(problems)}; list each wanted class of {self.name} "
+                f"once, from 0..{total - 1}, or leave classes unset to keep all {total}"
+            )
+
+    def select_classes(self, targets: np.ndarray) -> np.ndarray:
+        """``targets`` relabelled to their position in ``classes``; -1 for the classes left out."""
+        lookup = np.full(len(self._class_names), -1, dtype=np.int64)
+        lookup[self.classes] = np.arange(len(self.classes))
+        return lookup[targets]
 
     # -- data location ----------------------------------------------------------------------------
 
@@ -412,9 +446,15 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
         (train_items, train_targets), (test_items, test_targets) = self.load_data()
         train_targets, test_targets = np.asarray(train_targets), np.asarray(test_targets)
         train_idx, val_idx = self.split_train_val(train_targets)
+        test_idx = np.arange(len(test_targets))
+        if self.classes is not None:  # after the split, so val holds the same images as without
+            self._check_classes()  # again: load_data may have read the class names from disk
+            train_targets, test_targets = map(self.select_classes, (train_targets, test_targets))
+            train_idx, val_idx = (idx[train_targets[idx] >= 0] for idx in (train_idx, val_idx))
+            test_idx = test_idx[test_targets >= 0]
         train_idx = self._subset(train_idx, self.hparams.train_subset, 1)
         val_idx = self._subset(val_idx, self.hparams.eval_subset, 2)
-        test_idx = self._subset(np.arange(len(test_targets)), self.hparams.eval_subset, 3)
+        test_idx = self._subset(test_idx, self.hparams.eval_subset, 3)
 
         rank = self.trainer.global_rank if self.trainer is not None else 0
         train_tf = self.build_transform(train=self.hparams.augment)

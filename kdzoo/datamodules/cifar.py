@@ -122,8 +122,9 @@ class _CIFAR(ImageClassificationDataModule):
             )
         self._class_names = tuple(str(n) for n in names)
         labels = np.concatenate([train[1], test[1]])
-        if labels.size and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise DataError(f"{root}: labels out of range 0..{self.num_classes - 1}")
+        num_classes = len(self._class_names)  # of the files, whatever data.classes keeps
+        if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DataError(f"{root}: labels out of range 0..{num_classes - 1}")
         return train, test
 
     def train_transforms(self) -> Transforms:

@@ -59,6 +59,7 @@ class Digits(ImageClassificationDataModule):
         train_subset: int | None = None,
         eval_subset: int | None = None,
         download: bool = False,
+        classes: list[int] | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -72,6 +73,7 @@ class Digits(ImageClassificationDataModule):
             train_subset=train_subset,
             eval_subset=eval_subset,
             download=download,
+            classes=classes,
         )
 
     def prepare_data(self) -> None:

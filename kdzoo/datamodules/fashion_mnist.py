@@ -125,8 +125,9 @@ class FashionMNIST(ImageClassificationDataModule):
 
     def load_data(self):
         root = self.find_root()
-        train = load_idx_split(root, TRAIN_IMAGES, TRAIN_LABELS, self.num_classes)
-        test = load_idx_split(root, TEST_IMAGES, TEST_LABELS, self.num_classes)
+        num_classes = len(self.default_class_names)  # of the files, whatever data.classes keeps
+        train = load_idx_split(root, TRAIN_IMAGES, TRAIN_LABELS, num_classes)
+        test = load_idx_split(root, TEST_IMAGES, TEST_LABELS, num_classes)
         return train, test
 
     def train_transforms(self) -> Transforms:

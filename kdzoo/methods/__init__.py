@@ -3,6 +3,7 @@
 from kdzoo.methods.base import ClassificationModule, DistillationModule
 from kdzoo.methods.dist import DIST
 from kdzoo.methods.dkd import DKD
+from kdzoo.methods.kc import KnowledgeConcentration
 from kdzoo.methods.kd import KD
 from kdzoo.methods.mcmi import MCMITeacher
 from kdzoo.methods.nd import ND
@@ -18,6 +19,7 @@ __all__ = [
     "PLD",
     "ClassificationModule",
     "DistillationModule",
+    "KnowledgeConcentration",
     "MCMITeacher",
     "Supervised",
     "TGeoKD",

@@ -27,7 +27,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
-__all__ = ["ClassificationModule", "DistillationModule"]
+__all__ = ["ClassificationModule", "DistillationModule", "exclude_teacher_from_checkpoints"]
 
 _TEACHER_PREFIX = "teacher."
 # A frozen teacher is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -176,14 +176,21 @@ class DistillationModule(ClassificationModule):
                 f"but teacher.num_classes={teacher.num_classes} and the data has "
                 f"{hp.num_classes}: remove teacher.num_classes or use matching data"
             )
-        self._register_state_dict_hook(_drop_teacher_keys)
-        self.register_load_state_dict_post_hook(_allow_missing_teacher_keys)
+        exclude_teacher_from_checkpoints(self)
 
     def teacher_forward(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None
     ) -> BackboneOutput:
         """The teacher's outputs for the student's batch (no autograd, eval mode)."""
         return self.teacher(x, indices=indices)
+
+
+def exclude_teacher_from_checkpoints(module: torch.nn.Module) -> None:
+    """Leave every ``teacher.*`` key of ``module`` out of its state dicts (hence checkpoints) and
+    tolerate those keys missing on load; for methods whose ``self.teacher`` is rebuilt from the
+    config (one :class:`Teacher`, or e.g. an ``nn.ModuleList`` of them)."""
+    module._register_state_dict_hook(_drop_teacher_keys)
+    module.register_load_state_dict_post_hook(_allow_missing_teacher_keys)
 
 
 def _drop_teacher_keys(module: Any, state_dict: Mapping, prefix: str, local_metadata: Any) -> None:

@@ -3,12 +3,15 @@
 from kdzoo.losses.functional.cmi import conditional_mutual_information
 from kdzoo.losses.functional.dist import dist_loss
 from kdzoo.losses.functional.dkd import dkd_loss
+from kdzoo.losses.functional.kc import concentration_loss, concentration_targets
 from kdzoo.losses.functional.kd import kd_loss
 from kdzoo.losses.functional.nd import nd_loss
 from kdzoo.losses.functional.pld import pld_loss
 from kdzoo.losses.functional.tgeo import tgeo_loss, tgeo_relations
 
 __all__ = [
+    "concentration_loss",
+    "concentration_targets",
     "conditional_mutual_information",
     "dist_loss",
     "dkd_loss",
