@@ -96,7 +96,7 @@ def run_suite(
             "run": run["name"],
             "method": type(cli.model).__name__,
             "student": hparams.get("student", ""),
-            "teacher": (hparams.get("teacher") or {}).get("name", ""),
+            "teacher": _teacher_names(hparams),
             "dataset": type(cli.datamodule).__name__,
             "top1": round(100.0 * float(metrics[0]["test/top1"]), 4),
             "paper_top1": _or_empty(run.get("paper_top1", cli.config.fit.get("paper_top1"))),
@@ -128,6 +128,12 @@ def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
     if "{best:" in arg:
         raise SystemExit(f"error: {arg!r} names a run that has not run before it")
     return arg
+
+
+def _teacher_names(hparams: Any) -> str:
+    """The teacher's architecture, or the specialists' joined by " + " (KnowledgeConcentration)."""
+    teachers = hparams.get("specialists") or [hparams.get("teacher") or {}]
+    return " + ".join(teacher.get("name", "") for teacher in teachers)
 
 
 def _or_empty(value: Any) -> Any:

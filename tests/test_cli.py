@@ -109,19 +109,40 @@ def test_ddp_two_cpu_processes_sync_metrics(tmp_path, teacher_ckpt):
 
 
 def test_bench_quick_fast(tmp_path):
+    from kdzoo import methods
+
     proc = kdzoo(
         "bench", "run", "quick", "--fast", "--out", str(tmp_path / "results"), cwd=tmp_path
     )
     rows = list(csv.DictReader((tmp_path / "results/quick_fast.csv").open()))
-    assert [r["run"] for r in rows] == ["teacher", "baseline", "kd"]
+    by_run = {r["run"]: r for r in rows}
+    assert [r["run"] for r in rows][:3] == ["teacher", "baseline", "kd"]
+    # Every classification method has a row (the issue's "every method in the quick suite").
+    run_methods = {r["method"] for r in rows}
+    abstract = {"ClassificationModule", "DistillationModule"}
+    assert set(methods.__all__) - abstract <= run_methods, run_methods
     for row in rows:
         assert 0.0 <= float(row["top1"]) <= 100.0
         assert row["dataset"] == "FashionMNIST" and row["seed"] == "0"
         assert Path(row["config"]).is_file()
         assert row["git_commit"]
-    assert rows[2]["teacher"] == rows[0]["student"]
+    assert by_run["kd"]["teacher"] == by_run["teacher"]["student"]
+    assert by_run["kc"]["teacher"] == " + ".join(["resnet18"] * 3)
+
+    # `{best:RUN}` wiring: the MCMI teacher starts from the teacher run, KC reads the specialists.
+    def run_config(name: str) -> dict:
+        return yaml.safe_load(Path(by_run[name]["config"]).read_text())["model"]["init_args"]
+
+    def best_of(name: str) -> str:
+        return str(next(Path(by_run[name]["config"]).parent.glob("checkpoints/best-*.ckpt")))
+
+    assert run_config("mcmi_teacher")["init_weights"] == best_of("teacher")
+    assert run_config("kd_mcmi")["teacher"]["weights"] == best_of("mcmi_teacher")
+    specialists = [s["weights"] for s in run_config("kc")["specialists"]]
+    assert specialists == [best_of(f"spec_{v}") for v in ("tops", "footwear", "rest")]
+
     table = (tmp_path / "results/quick_fast.md").read_text()
-    assert "| kd | KD |" in table and table.strip() in proc.stdout
+    assert "| kd | KD |" in table and "vs kd" in table and table.strip() in proc.stdout
     assert (tmp_path / "results/quick_fast.png").stat().st_size > 0
 
 
@@ -154,6 +175,19 @@ def test_student_teacher_class_count_mismatch(tmp_path):
         cwd=tmp_path, expect_fail=True,
     )  # fmt: skip
     assert_clear_error(proc, "predicts 5 classes", "built for 10")
+
+
+def test_pld_teacher_with_another_class_vocabulary(tmp_path):
+    """PLD ranks the student's classes by the teacher's logits: both must share the classes."""
+    proc = kdzoo(
+        "fit", "--model=PLD", "--model.student=test_efficientnet",
+        "--model.teacher.name=test_resnet", "--model.teacher.num_classes=5", *DATA,
+        cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    assert_clear_error(
+        proc, "kdzoo fit: error:", "PLD needs teacher and student to predict the same classes",
+        "teacher.num_classes=5", "the data has 10",
+    )  # fmt: skip
 
 
 def test_unknown_config_key(tmp_path):
