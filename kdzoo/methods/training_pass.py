@@ -34,13 +34,9 @@ from torch.utils.data import DataLoader, Subset
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.class_means import class_mean_embeddings, rank_shard
+from kdzoo.paths import kdzoo_home
 
 __all__ = ["class_means_on_training_data", "kdzoo_home", "training_pass_loader", "weights_hash"]
-
-
-def kdzoo_home() -> Path:
-    """kdzoo's cache root: ``$KDZOO_HOME``, else ``~/.cache/kdzoo``."""
-    return Path(os.environ.get("KDZOO_HOME") or Path.home() / ".cache" / "kdzoo")
 
 
 def weights_hash(module: nn.Module) -> str:
