@@ -23,6 +23,7 @@ import kdzoo.datamodules
 import kdzoo.methods  # noqa: F401  (registers the methods for --model NAME)
 from kdzoo.callbacks import PredictionWriter
 from kdzoo.errors import KDZooError
+from kdzoo.models.weights import safe_torch_load
 
 __all__ = ["KDCLI", "main"]
 
@@ -117,6 +118,16 @@ class KDCLI(LightningCLI):
         if config is not None and config.get("ckpt_path") == "last":
             _resume_latest_run(config)
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyper-parameters here, before anything else; check
+        # first that it holds only tensors and plain containers, so an unsafe file gets a clear
+        # refusal instead of a traceback (nothing is ever unpickled beyond weights_only).
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path not in (None, "best", "last"):
+            safe_torch_load(ckpt_path)
+        super()._parse_ckpt_path()
+
 
 def _resume_latest_run(config) -> None:
     """Point ``ckpt_path last`` at the newest ``last.ckpt`` of this logger and log into its run.
@@ -168,10 +179,20 @@ def _bench(argv: Sequence[str]) -> None:
     bench_main(argv)
 
 
+def _hub(argv: Sequence[str]) -> None:
+    from kdzoo.hub.cli import main as hub_main
+
+    hub_main(argv)
+
+
 TOOL_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "bench": (
         "Run a benchmark suite and render its table and plot (`kdzoo bench --help`).",
         _bench,
+    ),
+    "hub": (
+        "Export, list, download and verify published checkpoints (`kdzoo hub --help`).",
+        _hub,
     ),
 }
 
@@ -203,10 +224,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         _print_help()
         return
     _quiet_lightning()
-    if args[0] in TOOL_COMMANDS:
-        TOOL_COMMANDS[args[0]][1](args[1:])
-        return
     try:
+        if args[0] in TOOL_COMMANDS:
+            TOOL_COMMANDS[args[0]][1](args[1:])
+            return
         # LightningCLI reads sys.argv itself when run as a program (and warns if given both).
         KDCLI(args=None if argv is None else args)
     except Exception as err:

@@ -23,6 +23,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from trainer_helpers import quiet_trainer
 
 import kdzoo.methods
 from kdzoo.losses.functional import kd_loss
@@ -226,15 +227,11 @@ def test_state_dict_round_trip(cls) -> None:
 def test_trainer_checkpoint(cls, tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
     module = build(cls)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=2,
         limit_val_batches=1,
-        logger=False,
         enable_checkpointing=True,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     trainer.fit(module, datamodule=TinyData())
     assert trainer.global_step == 2
@@ -351,16 +348,12 @@ def test_kd_parity_with_plain_pytorch_loop(tmp_path: Path) -> None:
     x, y = make_batch(n=batch_size * steps, seed=5, size=64)
     batches = list(zip(x.split(batch_size), y.split(batch_size), strict=True))
 
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
     )
     loader = DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
     trainer.fit(module, train_dataloaders=loader)

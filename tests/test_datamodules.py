@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from trainer_helpers import quiet_trainer
 
 from kdzoo.datamodules import (
     CIFAR10,
@@ -715,13 +716,9 @@ def test_in_lightning_trainer(tmp_path):
     dm = Digits(batch_size=16, train_subset=64, eval_subset=32, grey_to_rgb=True)
     # Built from the DataModule's properties before setup, as the CLI links them.
     model = TinyClassifier(dm.in_chans, dm.num_classes, dm.image_size)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         fast_dev_run=True,
-        accelerator="cpu",
-        default_root_dir=tmp_path,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
     )
     trainer.fit(model, datamodule=dm)
     assert model.steps == {"train": 1, "val": 1}

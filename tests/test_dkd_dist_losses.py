@@ -31,6 +31,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
+from trainer_helpers import quiet_trainer
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import dist_loss, dkd_loss, kd_loss
@@ -538,16 +539,12 @@ def test_dkd_warmup_through_trainer(tmp_path) -> None:
             seen[trainer.current_epoch] = pl_module.loss_weights["dkd"]
 
     x, y = make_batch(n=4)
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=3,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
         callbacks=[Record()],
     )
     trainer.fit(module, train_dataloaders=DataLoader(TensorDataset(x, y), batch_size=4))

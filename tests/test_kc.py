@@ -23,6 +23,7 @@ import torch
 import yaml
 from cli_helpers import DATA, QUIET, assert_clear_error, kdzoo, last_metrics
 from safetensors.torch import save_file
+from trainer_helpers import quiet_trainer
 
 from kdzoo.cli import main as kdzoo_main
 from kdzoo.datamodules import Digits
@@ -521,13 +522,9 @@ def test_fit_with_a_lightning_trainer(tmp_path: Path) -> None:
     )
     teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
     head_before = module.student.model.fc.gamma.detach().clone()
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_epochs=2,
-        logger=False,
-        default_root_dir=tmp_path,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        accelerator="cpu",
     )
     trainer.fit(module, datamodule=data)
     metrics = trainer.callback_metrics

@@ -13,6 +13,7 @@ from cli_helpers import DATA, QUIET, kdzoo, last_metrics
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from trainer_helpers import quiet_trainer
 
 import kdzoo.methods.training_pass as training_pass
 from kdzoo.datamodules import Digits
@@ -143,16 +144,12 @@ def test_without_table_uses_in_batch_class_means() -> None:
 
 
 def fit(module: ND, tmp_path: Path, data, steps: int = 1) -> L.Trainer:
-    trainer = L.Trainer(
+    trainer = quiet_trainer(
+        tmp_path,
         max_steps=steps,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        logger=False,
         enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
-        accelerator="cpu",
     )
     if isinstance(data, L.LightningDataModule):
         trainer.fit(module, datamodule=data)

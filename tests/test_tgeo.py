@@ -7,11 +7,11 @@ from __future__ import annotations
 import copy
 import math
 
-import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
 from cli_helpers import DATA, QUIET, kdzoo, last_metrics
+from trainer_helpers import quiet_trainer
 
 from kdzoo.datamodules import Digits
 from kdzoo.errors import ConfigError
@@ -212,10 +212,9 @@ def test_fit_uses_training_table_and_held_out_split_never_the_test_split(tmp_pat
     data = NoTestDigits(train_subset=100, eval_subset=40, batch_size=20, augment=False)
     module = build(fusion_lr=0.05)
     fusion_before = copy.deepcopy(module.fusion.state_dict())
-    trainer = L.Trainer(
-        max_steps=3, limit_val_batches=0, num_sanity_val_steps=0, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        default_root_dir=tmp_path, accelerator="cpu",
+    trainer = quiet_trainer(
+        tmp_path, max_steps=3, limit_val_batches=0, num_sanity_val_steps=0,
+        enable_checkpointing=False,
     )  # fmt: skip
     trainer.fit(module, datamodule=data)
     table = module.class_mean_teacher_probs

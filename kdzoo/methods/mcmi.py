@@ -44,8 +44,8 @@ from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.cmi import conditional_mutual_information
 from kdzoo.methods.base import ClassificationModule
 from kdzoo.methods.training_pass import class_means_on_training_data
-from kdzoo.models.teacher import load_weights
-from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters
+from kdzoo.models.teacher import load_weights, resolve_weights
+from kdzoo.models.weights import WeightsError
 
 __all__ = ["MCMITeacher"]
 
@@ -121,12 +121,12 @@ class MCMITeacher(ClassificationModule):
 
     def _load_init_weights(self, path: str) -> None:
         try:
-            load_weights(self.student, path)
+            weights, trained = resolve_weights(path)  # a file, an exported folder or hub:NAME
+            load_weights(self.student, weights)
         except WeightsError as err:
             raise WeightsError(
                 f"MCMITeacher.init_weights: {err} (the architecture is set by model.student)"
             ) from err
-        trained = checkpoint_hyperparameters(path)
         for key in ("mean", "std"):
             theirs, ours = trained.get(key), getattr(self, key)
             if theirs is not None and ours is not None and tuple(theirs) != tuple(ours):

@@ -8,8 +8,10 @@ the two networks expect different mean/std, so one data pipeline feeds both.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -18,9 +20,10 @@ from torch import nn
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
 
-__all__ = ["Teacher", "TeacherSpec", "build_teacher", "load_weights"]
+__all__ = ["Teacher", "TeacherSpec", "build_teacher", "load_weights", "resolve_weights"]
 
 TIMM_PRETRAINED = "timm"
+HUB_PREFIX = "hub:"
 
 
 @dataclass
@@ -30,9 +33,11 @@ class TeacherSpec:
     Attributes:
         name: timm architecture, e.g. ``"resnet34"``.
         weights: a kdzoo Lightning checkpoint (``.ckpt``, its student is the teacher), a
-            ``.safetensors`` export, a ``torch.save``-d state dict, or ``"timm"`` for timm's
-            pretrained weights (needs a network or a filled Hugging Face cache). ``None`` keeps
-            the random initialisation, which is only useful in tests.
+            ``.safetensors`` file, a ``torch.save``-d state dict, a folder made by
+            ``kdzoo hub export``, ``"hub:NAME"`` for a published kdzoo checkpoint (downloaded
+            and verified into ``$KDZOO_HOME/hub``), or ``"timm"`` for timm's pretrained weights
+            of ``name`` (e.g. ``name: resnet34.tv_in1k``; needs a network or a filled Hugging
+            Face cache). ``None`` keeps the random initialisation, which is only useful in tests.
         mean: input mean the teacher's weights expect. ``None``: read it from the checkpoint's
             hyper-parameters, or timm's pretrained config for ``"timm"``, or else assume the
             student's.
@@ -94,6 +99,32 @@ class Teacher(nn.Module):
         return self.backbone(x, indices=indices)
 
 
+def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
+    """The weight file behind ``weights`` and the input mean/std it records (if any).
+
+    ``"hub:NAME"`` is downloaded (or found in the cache) and verified; an exported hub folder
+    gives its ``model.safetensors`` and ``config.json``; any other value is a file path.
+    """
+    if weights.startswith(HUB_PREFIX):
+        from kdzoo.hub import download
+
+        return _exported_folder(download(weights[len(HUB_PREFIX) :]))
+    if Path(weights).is_dir():
+        return _exported_folder(Path(weights))
+    return weights, checkpoint_hyperparameters(weights)
+
+
+def _exported_folder(folder: Path) -> tuple[str, dict[str, Any]]:
+    weights, config = folder / "model.safetensors", folder / "config.json"
+    if not weights.is_file() or not config.is_file():
+        raise WeightsError(
+            f"{folder} is not a kdzoo hub folder: it needs model.safetensors and config.json "
+            "(made by `kdzoo hub export`)"
+        )
+    cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
+    return str(weights), {"mean": cfg.get("mean"), "std": cfg.get("std")}
+
+
 def build_teacher(
     spec: TeacherSpec,
     *,
@@ -117,10 +148,10 @@ def build_teacher(
         teacher_mean = teacher_mean or cfg.get("mean")
         teacher_std = teacher_std or cfg.get("std")
     elif spec.weights is not None:
-        load_weights(backbone, spec.weights)
-        hparams = checkpoint_hyperparameters(spec.weights)
-        teacher_mean = teacher_mean or hparams.get("mean")
-        teacher_std = teacher_std or hparams.get("std")
+        path, recorded = resolve_weights(spec.weights)
+        load_weights(backbone, path)
+        teacher_mean = teacher_mean or recorded.get("mean")
+        teacher_std = teacher_std or recorded.get("std")
     return Teacher(
         backbone,
         student_mean=student_mean,

@@ -1,0 +1,49 @@
+"""The checkpoint hub: export a trained student, publish it in a manifest, download, verify, load.
+
+* :func:`export_checkpoint` turns a kdzoo Lightning checkpoint into a publishable folder
+  (``model.safetensors`` with the student only, timm-compatible ``config.json``, a model card and a
+  ready-to-paste manifest entry);
+* ``checkpoints/manifest.yaml`` lists the published checkpoints (:mod:`kdzoo.hub.manifest`);
+* :func:`download` fetches an entry into ``$KDZOO_HOME/hub/<name>/``, verifying every file's
+  sha256 before it is moved into place (:mod:`kdzoo.hub.fetch`); :func:`verify` re-hashes the
+  cache;
+* :func:`load` returns a plain timm model (eval mode) from a local folder or a manifest name.
+
+Nothing here unpickles: published artifacts are safetensors, and Lightning checkpoints are read
+with ``torch.load(weights_only=True)`` (:func:`kdzoo.models.weights.safe_torch_load`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from kdzoo.hub.export import export_checkpoint
+from kdzoo.hub.fetch import DownloadError, cache_dir, download, verify
+from kdzoo.hub.load import load_folder
+from kdzoo.hub.manifest import ManifestEntry, ManifestError, default_manifest_path, read_manifest
+
+__all__ = [
+    "DownloadError",
+    "ManifestEntry",
+    "ManifestError",
+    "cache_dir",
+    "default_manifest_path",
+    "download",
+    "export_checkpoint",
+    "load",
+    "load_folder",
+    "read_manifest",
+    "verify",
+]
+
+
+def load(name_or_path: str | Path, *, manifest_path: str | Path | None = None) -> nn.Module:
+    """A ready timm model in eval mode: from an exported folder (or its ``model.safetensors``)
+    when ``name_or_path`` exists on disk, else from the hub entry of that name (downloaded and
+    verified once, then served from the cache)."""
+    path = Path(name_or_path)
+    if path.exists():
+        return load_folder(path)
+    return load_folder(download(str(name_or_path), manifest_path=manifest_path))

@@ -1,0 +1,507 @@
+"""Export the student of a kdzoo training run as a publishable, plain-timm folder.
+
+A Lightning ``.ckpt`` is for resuming training: it holds optimiser state, method-only modules
+(projectors, fusion nets) and pickled metadata. What gets published is the student alone, in the
+format timm itself reads (the layout of ``timm.models.push_to_hf_hub``), so nobody needs kdzoo, or
+has to unpickle anything, to use it:
+
+* ``model.safetensors``: the state dict of ``timm.create_model(architecture, ...)``;
+* ``config.json``: timm's hub config (``architecture``, ``num_classes``, ``model_args``,
+  ``pretrained_cfg`` with the input size and normalisation the student was trained with) plus a
+  ``kdzoo`` section: method, teacher, dataset, metrics, the source checkpoint's sha256;
+* ``README.md``: a generated model card with the loading recipes (kdzoo and plain timm);
+* ``manifest_entry.yaml``: the entry to paste into ``checkpoints/manifest.yaml`` once the files
+  are uploaded.
+
+The checkpoint is read with ``torch.load(weights_only=True)`` only
+(:func:`~kdzoo.models.weights.safe_torch_load`); the folder is written into a temporary sibling
+and renamed into place, so a failed export leaves nothing behind and never half-replaces an
+earlier one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+import kdzoo
+import kdzoo.models  # registers the CIFAR nets, so their names resolve in timm
+from kdzoo.errors import KDZooError
+from kdzoo.hub.card import WEIGHTS_FILE, model_card
+from kdzoo.hub.manifest import ManifestError, check_name
+from kdzoo.models.weights import safe_torch_load
+
+__all__ = ["EXPORT_FILES", "ExportError", "export_checkpoint", "validate_name"]
+
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+MANIFEST_ENTRY_FILE = "manifest_entry.yaml"
+#: Every file an export writes; a folder holding only these may be replaced with ``overwrite``.
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, MANIFEST_ENTRY_FILE)
+
+_STUDENT_PREFIX = "student.model."
+# timm's tag grammar as kdzoo publishes it: lower-case letters, digits, "_" and "-" (no dots, so
+# `arch.tag` splits unambiguously the way timm's split_model_name_tag splits it; no "/", so a
+# name is never a path).
+_TAG = re.compile(r"[a-z0-9][a-z0-9_-]*")
+# pretrained_cfg keys of timm's default config that describe the architecture or its usual
+# preprocessing and still hold for the exported weights (the weight source, licence, paper and
+# label fields of timm's own checkpoints do not).
+_KEPT_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "fixed_input_size", "first_conv")
+
+
+class ExportError(KDZooError, ValueError):
+    """A checkpoint cannot be exported as asked: not a kdzoo classification run, a student that
+    is not a plain timm model, a name outside timm's ``arch.tag`` grammar, or an output folder
+    that holds something an export must not replace."""
+
+
+def export_checkpoint(
+    ckpt_path: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite: bool = False
+) -> Path:
+    """Write the student of ``ckpt_path`` as a hub folder ``out`` and return ``out``.
+
+    Prints nothing. See the module docstring for the files written.
+
+    Args:
+        ckpt_path: a Lightning checkpoint of a kdzoo classification method (``kdzoo fit``).
+        name: the published name, ``<architecture>.<tag>`` with the checkpoint's student
+            architecture, e.g. ``resnet8x4.kd_resnet32x4_cifar100`` (see :func:`validate_name`).
+        out: the folder to create. An existing empty folder is filled; a non-empty one is only
+            replaced with ``overwrite=True``, and only if it holds nothing but the files of an
+            earlier export (:data:`EXPORT_FILES`).
+        overwrite: replace an earlier export in ``out``.
+
+    Raises:
+        WeightsError: the checkpoint is missing or holds pickled objects other than tensors and
+            containers (it is never unpickled beyond ``weights_only=True``).
+        ExportError: see :class:`ExportError`.
+    """
+    ckpt_path, out = Path(ckpt_path), Path(out)
+    checkpoint = safe_torch_load(ckpt_path)
+    if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
+        raise ExportError(
+            f"{ckpt_path} is not a Lightning checkpoint (no 'state_dict'): export takes the .ckpt "
+            "a `kdzoo fit` run saved under runs/<name>/version_N/checkpoints/"
+        )
+    hparams = dict(checkpoint.get("hyper_parameters") or {})
+    architecture = hparams.get("student")
+    if not isinstance(architecture, str) or "num_classes" not in hparams:
+        raise ExportError(
+            f"{ckpt_path} is not a checkpoint of a kdzoo classification method: its "
+            "hyper_parameters have no 'student' architecture and 'num_classes'"
+        )
+    validate_name(name, architecture)
+    _check_destination(out, overwrite)
+
+    method_path = hparams.get("_class_path")
+    method = method_path.rsplit(".", 1)[-1] if isinstance(method_path, str) else None
+    num_classes, in_chans = int(hparams["num_classes"]), int(hparams.get("in_chans") or 3)
+    model_args = {"in_chans": in_chans, **dict(hparams.get("student_kwargs") or {})}
+    try:
+        json.dumps(model_args)
+    except TypeError as err:
+        raise ExportError(
+            f"student_kwargs {model_args} of {ckpt_path} are not JSON data, so config.json could "
+            f"not rebuild the model ({err})"
+        ) from err
+
+    state = {
+        key[len(_STUDENT_PREFIX) :]: value
+        for key, value in checkpoint["state_dict"].items()
+        if key.startswith(_STUDENT_PREFIX)
+    }
+    if not state:
+        raise ExportError(f"{ckpt_path} holds no student weights (no '{_STUDENT_PREFIX}*' keys)")
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **model_args)
+    _check_fits(model, state, architecture, method, ckpt_path)
+
+    config = _config(checkpoint, hparams, model, model_args, name, method, ckpt_path)
+    _write_atomically(out, state, config, name, overwrite)
+    return out
+
+
+def validate_name(name: str, architecture: str) -> None:
+    """Check ``name`` against timm's ``arch.tag`` grammar as kdzoo publishes it.
+
+    The name is ``<architecture>.<tag>``: ``architecture`` is the checkpoint's student (so
+    ``timm.create_model(name.split('.')[0])`` builds the right network) and the tag is lower-case
+    letters, digits, ``_`` and ``-``, starting with a letter or digit. No ``/``, no further dots
+    and no leading dot: a name is also a cache folder and a URL component, never a path.
+
+    Raises:
+        ExportError: naming the rule that ``name`` breaks.
+    """
+    rule = (
+        f"a hub name is '<architecture>.<tag>' with the student's architecture {architecture!r} "
+        "and a tag of lower-case letters, digits, '_' and '-' (starting with a letter or digit), "
+        f"e.g. '{architecture}.kd_resnet32x4_cifar100'"
+    )
+    if not isinstance(name, str) or not name:
+        raise ExportError(f"empty hub name: {rule}")
+    problem = None
+    if "/" in name or "\\" in name:
+        problem = "it contains a path separator"
+    elif name.startswith("."):
+        problem = "it starts with a dot"
+    elif ".." in name:
+        problem = "it contains '..'"
+    else:
+        arch, dot, tag = name.partition(".")
+        if not dot:
+            problem = "it has no '.<tag>'"
+        elif arch != architecture:
+            problem = f"its architecture {arch!r} is not the checkpoint's student {architecture!r}"
+        elif not _TAG.fullmatch(tag):
+            problem = f"its tag {tag!r} has characters outside [a-z0-9_-] or starts with '_'/'-'"
+    if problem:
+        raise ExportError(f"invalid hub name {name!r}: {problem}; {rule}")
+    try:  # the manifest's own check (length limit, ...), so every exported name is publishable
+        check_name(name)
+    except ManifestError as err:
+        raise ExportError(f"{err}; {rule}") from None
+
+
+# ---- checks ---------------------------------------------------------------------------------
+
+
+def _check_destination(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` whose contents an export would destroy without being asked to."""
+    if out.is_symlink():
+        raise ExportError(f"output folder {out} is a symbolic link: give the real folder")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"output folder {out} is a file, not a folder: choose a new folder name")
+    entries = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not entries:
+        return
+    if not overwrite:
+        raise ExportError(
+            f"output folder {out} already exists and is not empty ({', '.join(entries[:5])}): "
+            "choose a new folder, or pass overwrite=True (`--overwrite`) to replace an earlier "
+            "export"
+        )
+    foreign = [e for e in entries if e not in EXPORT_FILES]
+    if foreign:
+        raise ExportError(
+            f"output folder {out} holds files an export does not write ({', '.join(foreign[:5])}): "
+            "refusing to replace it even with overwrite, so nothing you saved there is lost; "
+            "choose a new folder"
+        )
+
+
+def _check_fits(
+    model: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    architecture: str,
+    method: str | None,
+    ckpt_path: Path,
+) -> None:
+    """The student weights load strictly into the bare timm model, else a clear ExportError."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if not (missing or unexpected or mismatched):
+        return
+    details = "; ".join(
+        f"{label}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch", mismatched),
+        )
+        if keys
+    )
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
+    in_head = heads and all(
+        any(k.startswith(h + ".") for h in heads) for k in missing + unexpected + mismatched
+    )
+    by = f"{method} replaced it" if method else "the method replaced it"
+    reason = (
+        f"the student's classifier ({', '.join(heads)}) is not timm's: {by} with its own module "
+        "(as KnowledgeConcentration does with its structurally connected SC head), so the "
+        "weights cannot be published as a plain timm model"
+        if in_head
+        else "the student is not a plain timm model"
+    )
+    raise ExportError(
+        f"cannot export {ckpt_path}: its student weights do not load strictly into "
+        f"timm.create_model({architecture!r}, num_classes={model.num_classes}, ...): {reason}. "
+        f"{details}"
+    )
+
+
+# ---- config.json ----------------------------------------------------------------------------
+
+
+def _config(
+    checkpoint: Mapping[str, Any],
+    hparams: Mapping[str, Any],
+    model: torch.nn.Module,
+    model_args: dict[str, Any],
+    name: str,
+    method: str | None,
+    ckpt_path: Path,
+) -> dict[str, Any]:
+    """timm's hub config for the student, plus kdzoo's provenance section."""
+    num_classes, in_chans = model.num_classes, model_args["in_chans"]
+    data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
+    data_path = data.get("_class_path")
+    data_cls = _kdzoo_class(data_path)
+    timm_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    size, crop_pct = _input_size(data, data_cls, hparams, timm_cfg)
+    pretrained_cfg = {k: timm_cfg[k] for k in _KEPT_CFG_KEYS if timm_cfg.get(k) is not None}
+    if crop_pct is not None:
+        pretrained_cfg["crop_pct"] = crop_pct
+        # kdzoo's datamodules resize with albumentations' default, cv2 INTER_LINEAR.
+        pretrained_cfg["interpolation"] = "bilinear"
+    classifier = timm_cfg.get("classifier")
+    if classifier:
+        pretrained_cfg["classifier"] = classifier
+    pretrained_cfg.update(
+        input_size=[in_chans, *size],
+        mean=_normalisation(hparams.get("mean"), timm_cfg.get("mean"), in_chans),
+        std=_normalisation(hparams.get("std"), timm_cfg.get("std"), in_chans),
+        num_classes=num_classes,
+    )
+    metrics, best_in_run = _scores(checkpoint, ckpt_path.name)
+    teacher = hparams.get("teacher")
+    return {
+        "architecture": hparams["student"],
+        "num_classes": num_classes,
+        "num_features": int(model.num_features),
+        "model_args": model_args,
+        "pretrained_cfg": pretrained_cfg,
+        "kdzoo": _plain(
+            {
+                "name": name,
+                "method": method,
+                "method_class": hparams.get("_class_path"),
+                "method_hparams": {
+                    k: v for k, v in hparams.items() if not k.startswith("_") and k != "teacher"
+                },
+                "teacher": dict(teacher) if isinstance(teacher, Mapping) else None,
+                "dataset": data_path.rsplit(".", 1)[-1] if isinstance(data_path, str) else None,
+                "dataset_class": data_path,
+                "dataset_hparams": {k: v for k, v in data.items() if not k.startswith("_")},
+                "metrics": metrics,
+                "best_in_run": best_in_run,
+                "epoch": checkpoint.get("epoch"),
+                "global_step": checkpoint.get("global_step"),
+                "source_checkpoint": {"file": ckpt_path.name, "sha256": _sha256(ckpt_path)},
+                "kdzoo_version": kdzoo.__version__,
+                "timm_version": timm.__version__,
+                "lightning_version": checkpoint.get("pytorch-lightning_version"),
+            }
+        ),
+    }
+
+
+def _kdzoo_class(class_path: Any) -> type | None:
+    """The class a LightningCLI ``_class_path`` names, if it is one of kdzoo's own (a checkpoint
+    never makes export import anything else)."""
+    if not isinstance(class_path, str) or not class_path.startswith("kdzoo."):
+        return None
+    module, _, attr = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+
+
+def _input_size(
+    data: Mapping[str, Any],
+    data_cls: type | None,
+    hparams: Mapping[str, Any],
+    timm_cfg: Mapping[str, Any],
+) -> tuple[list[int], float | None]:
+    """``[H, W]`` the student was fed, and the eval crop fraction when the datamodule's is known.
+
+    Sources in order: the datamodule's ``image_size`` hyper-parameter; its class's
+    ``native_size`` (kdzoo's small-image datasets, fed whole at their native size when
+    ``image_size`` is None); ``student_kwargs['img_size']``; timm's default for the architecture.
+    kdzoo datamodules with a fixed native size resize the whole image (crop 1.0); others (e.g.
+    ImageFolder) centre-crop as timm does, so timm's default crop is kept for them.
+    """
+    native = getattr(data_cls, "native_size", None)
+    crop_pct = 1.0 if native else None
+    size = data.get("image_size") or native or (hparams.get("student_kwargs") or {}).get("img_size")
+    if size is None:
+        return [int(s) for s in timm_cfg.get("input_size", (3, 224, 224))[1:]], crop_pct
+    if isinstance(size, int):
+        return [size, size], crop_pct
+    return [int(s) for s in size], crop_pct
+
+
+def _normalisation(value: Any, timm_default: Any, in_chans: int) -> list[float]:
+    """Per-channel mean or std: the model's hyper-parameter (linked from the datamodule by the
+    CLI), else timm's default for the architecture, averaged if its channel count differs."""
+    if value is not None:
+        values = [float(v) for v in value]
+        return values * in_chans if len(values) == 1 and in_chans > 1 else values
+    default = [float(v) for v in (timm_default or (0.5,))]
+    if len(default) != in_chans:
+        default = [sum(default) / len(default)] * in_chans
+    return default
+
+
+def _scores(
+    checkpoint: Mapping[str, Any], ckpt_name: str
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Monitored metrics of these weights, and the run's best, from ModelCheckpoint's state.
+
+    A checkpoint only records its own score when it is one of the callback's top-k files (e.g.
+    ``best-epochN.ckpt``); ``last.ckpt`` does not, so for it only the run's best score (of
+    another file) is known, and it is reported apart, never as this checkpoint's.
+    """
+    metrics: dict[str, float] = {}
+    best: dict[str, dict[str, Any]] = {}
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if not str(key).startswith("ModelCheckpoint") or not isinstance(state, Mapping):
+            continue
+        monitor = state.get("monitor")
+        if not monitor:
+            continue
+        for path, score in (state.get("best_k_models") or {}).items():
+            if Path(str(path)).name == ckpt_name and _number(score) is not None:
+                metrics[monitor] = _number(score)
+        score = _number(state.get("best_model_score"))
+        if score is not None:
+            best[monitor] = {
+                "score": score,
+                "checkpoint": Path(str(state.get("best_model_path") or "")).name or None,
+            }
+    return metrics, best
+
+
+def _number(value: Any) -> float | None:
+    if torch.is_tensor(value) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, int | float) and math.isfinite(value):
+        return float(value)
+    return None
+
+
+def _plain(value: Any) -> Any:
+    """JSON/YAML-safe copy: tuples as lists, scalar tensors as numbers, paths as strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if torch.is_tensor(value):
+        return value.item() if value.numel() == 1 else value.tolist()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---- writing --------------------------------------------------------------------------------
+
+
+def _write_atomically(
+    out: Path,
+    state: Mapping[str, torch.Tensor],
+    config: dict[str, Any],
+    name: str,
+    overwrite: bool,
+) -> None:
+    """Write the folder into a temporary sibling of ``out``, then rename it into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+    try:
+        # clone(): a checkpoint may hold views of one storage, which safetensors refuses.
+        tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card(config, out))
+        (tmp / MANIFEST_ENTRY_FILE).write_text(_manifest_entry(config, tmp, name))
+        # mkdtemp (and safetensors) make private files; a published folder gets the usual modes.
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
+        for file in tmp.iterdir():
+            file.chmod(0o666 & ~umask)
+        _check_destination(out, overwrite)  # again: something may have appeared meanwhile
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; an existing ``out`` (already checked to be replaceable) is moved
+    aside first and only deleted once ``new`` is in place, or moved back if that fails."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _manifest_entry(config: Mapping[str, Any], folder: Path, name: str) -> str:
+    """The ``checkpoints/manifest.yaml`` entry for the folder's files, with only the fields
+    :class:`~kdzoo.hub.manifest.ManifestEntry` accepts (``urls`` and ``config`` left to fill)."""
+    info = config["kdzoo"]
+    metrics = {}
+    for monitor, value in info["metrics"].items():
+        metric = monitor.rsplit("/", 1)[-1]
+        # The manifest's table shows top-k accuracy in %, torchmetrics logs it as a fraction.
+        metrics[metric] = round(100 * value, 2) if re.fullmatch(r"top\d+", metric) else value
+    teacher = info["teacher"]
+    entry = {
+        "name": name,
+        "urls": [],
+        "files": {
+            f: {"sha256": _sha256(folder / f), "size": (folder / f).stat().st_size}
+            for f in (WEIGHTS_FILE, CONFIG_FILE)
+        },
+        "architecture": config["architecture"],
+        "num_classes": config["num_classes"],
+        "in_chans": config["model_args"]["in_chans"],
+        "metrics": metrics,
+        "config": None,
+        "method": info["method"],
+        "teacher": teacher["name"] if teacher else None,
+    }
+    header = (
+        f"# Manifest entry for {name} (dataset: {info['dataset'] or 'unknown'}), written by\n"
+        "# kdzoo.hub.export_checkpoint. To publish: upload model.safetensors and config.json,\n"
+        "# list their base URL(s) under `urls` (https://..., hf-hub:org/repo, file:///mirror/...),\n"
+        "# set `config` to the configs/ file the run used (or remove it), and add the entry as an\n"
+        "# item of `checkpoints:` in checkpoints/manifest.yaml.\n"
+        "# metrics: this checkpoint's monitored validation metrics (top-k in %); empty when the\n"
+        "# checkpoint (e.g. last.ckpt) does not record its own score.\n"
+    )
+    return header + yaml.safe_dump(entry, sort_keys=False)
