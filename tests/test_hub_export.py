@@ -11,9 +11,12 @@ round trip is exact: the exported model's logits equal the trained student's, th
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.server
 import json
 import re
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -518,3 +521,37 @@ def test_load_folder_reads_no_pickles(exported, tmp_path) -> None:
     with pytest.raises(WeightsError, match="cannot read"):
         load_folder(folder)
     assert not marker.exists()
+
+
+# ---- published over HTTP (loopback) ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["KD", "DKD"])
+def test_http_download_and_load_round_trip(method, runs, exported, tmp_path, monkeypatch) -> None:
+    """An export served by a local HTTP server, listed in a manifest, downloaded and loaded by
+    name: identical logits to the trained student."""
+    run, out = runs[method], exported[method]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(out.parent))
+    handler.log_message = lambda *args: None
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        entry = yaml.safe_load((out / "manifest_entry.yaml").read_text())
+        entry["urls"] = [f"http://127.0.0.1:{server.server_address[1]}/{out.name}"]
+        manifest = tmp_path / "manifest.yaml"
+        manifest.write_text(yaml.safe_dump({"checkpoints": [entry]}))
+        monkeypatch.setenv("KDZOO_HOME", str(tmp_path / "home"))
+        model = kdzoo.hub.load(run.name, manifest_path=manifest)
+    finally:
+        server.shutdown()
+        thread.join()
+    cached = tmp_path / "home/hub" / run.name / "model.safetensors"
+    assert cached.read_bytes() == (out / "model.safetensors").read_bytes()
+    x = run.images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), run.logits(x), rtol=0, atol=0)
+    # Served from the cache now, with the server gone and the network off.
+    monkeypatch.setenv("KDZOO_OFFLINE", "1")
+    with torch.no_grad():
+        torch.testing.assert_close(kdzoo.hub.load(run.name, manifest_path=manifest)(x), model(x))
