@@ -4,7 +4,10 @@ A suite is a YAML file ``configs/bench/<suite>.yaml``: config files shared by ev
 of runs (each a list of config files, optional extra CLI arguments, and optionally the earlier
 run whose best checkpoint is its teacher), and the overrides of the ``--fast`` preset. In a run's
 arguments ``{best:RUN}`` stands for the best checkpoint of the earlier run ``RUN`` (e.g. several
-specialist teachers, or a fine-tuned teacher's initial weights). Adding a
+specialist teachers, or a fine-tuned teacher's initial weights). A run with ``command: test``
+evaluates without training (test-time adaptation: the model adapts during ``kdzoo test``); a
+suite's ``metric`` (``top1`` or ``mean_error``) is what its table and bar chart show, and runs that
+write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. Adding a
 method to a suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
 :class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
 one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
@@ -22,7 +25,7 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from kdzoo.results import append_row, plot_bars, read_rows, render_table
+from kdzoo.results import append_row, plot_bars, plot_stream, read_rows, render_table
 
 __all__ = ["load_suite", "main", "run_suite"]
 
@@ -69,9 +72,14 @@ def run_suite(
     table = f"{name}_fast" if fast else name
     out = Path(out)
     best: dict[str, str] = {}
+    streams: dict[str, Path] = {}
     rows = []
+    metric = suite.get("metric", "top1")
     for run in suite["runs"]:
-        args = ["fit"]
+        command = run.get("command", "fit")
+        if command not in ("fit", "test"):
+            raise SystemExit(f"error: run {run['name']!r}: command must be fit or test")
+        args = [command]
         for config in [*suite.get("base", []), *run.get("configs", [])]:
             args += ["-c", str(configs_dir / config)]
         args += [_fill_checkpoints(arg, best) for arg in run.get("args", [])]
@@ -87,38 +95,53 @@ def run_suite(
         ]
         start = time.perf_counter()
         cli = KDCLI(args=args)
-        best[run["name"]] = cli.trainer.checkpoint_callback.best_model_path
-        metrics = cli.trainer.test(
-            cli.model, datamodule=cli.datamodule, ckpt_path=best[run["name"]]
-        )
-        hparams = cli.model.hparams
-        row = {
-            "run": run["name"],
-            "method": type(cli.model).__name__,
-            "student": hparams.get("student", ""),
-            "teacher": _teacher_names(hparams),
-            "dataset": type(cli.datamodule).__name__,
-            "top1": round(100.0 * float(metrics[0]["test/top1"]), 4),
-            "paper_top1": _or_empty(run.get("paper_top1", cli.config.fit.get("paper_top1"))),
-            "seed": seed,
-            "epochs": cli.trainer.current_epoch,
-            "wall_clock_s": round(time.perf_counter() - start, 1),
-            "config": str(Path(cli.trainer.log_dir) / "config.yaml"),
-            "git_commit": git_commit(),
-            "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        append_row(out / f"{table}.csv", row)
-        rows.append(row)
+        if command == "fit":
+            best[run["name"]] = cli.trainer.checkpoint_callback.best_model_path
+            metrics = cli.trainer.test(
+                cli.model, datamodule=cli.datamodule, ckpt_path=best[run["name"]]
+            )[0]
+        else:  # the test (e.g. a test-time adaptation stream) has run: read what it logged
+            metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
+            stream = Path(cli.trainer.log_dir) / "tta_stream.csv"
+            if stream.is_file():
+                streams[run["name"]] = stream
+        rows.append(_row(run, cli, metrics, seed, start))
+        append_row(out / f"{table}.csv", rows[-1])
     all_rows = read_rows(out / f"{table}.csv")
-    markdown = render_table(
-        all_rows,
-        title=f"kdzoo bench {name}{' --fast' if fast else ''}",
-        reference=suite.get("reference"),
-    )
+    title = f"kdzoo bench {name}{' --fast' if fast else ''}"
+    markdown = render_table(all_rows, title=title, reference=suite.get("reference"), metric=metric)
     (out / f"{table}.md").write_text(markdown)
-    plot_bars(all_rows, out / f"{table}.png", title=f"kdzoo bench {name}: test top-1")
+    plot_bars(all_rows, out / f"{table}.png", title=f"{title}: {metric}", metric=metric)
+    if streams:
+        plot_stream(streams, out / f"{table}_stream.png", title=f"{title}: error along the stream")
     print(markdown)
     return rows
+
+
+def _row(
+    run: dict[str, Any], cli: Any, metrics: dict[str, float], seed: int, start: float
+) -> dict[str, Any]:
+    hparams = cli.model.hparams
+    source = hparams.get("source") or {}  # test-time adaptation: the adapted source model
+    config = cli.config.get(cli.subcommand, {})
+    top1 = metrics.get("test/top1")
+    mean_error = metrics.get("test/mean_error")
+    return {
+        "run": run["name"],
+        "method": type(cli.model).__name__,
+        "student": hparams.get("student", "") or source.get("name", ""),
+        "teacher": _teacher_names(hparams),
+        "dataset": type(cli.datamodule).__name__,
+        "top1": "" if top1 is None else round(100.0 * float(top1), 4),
+        "mean_error": "" if mean_error is None else round(float(mean_error), 4),
+        "paper_top1": _or_empty(run.get("paper_top1", config.get("paper_top1"))),
+        "seed": seed,
+        "epochs": cli.trainer.current_epoch,
+        "wall_clock_s": round(time.perf_counter() - start, 1),
+        "config": str(Path(cli.trainer.log_dir) / "config.yaml"),
+        "git_commit": git_commit(),
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:

@@ -29,6 +29,7 @@ RESULT_FIELDS = (
     "teacher",
     "dataset",
     "top1",
+    "mean_error",
     "paper_top1",
     "seed",
     "epochs",
@@ -73,45 +74,55 @@ def latest_rows(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
     return sorted(latest.values(), key=lambda r: order.index(r["run"]))
 
 
-def summarise(rows: Sequence[Mapping[str, str]]) -> list[dict[str, Any]]:
-    """One entry per run: the newest row of its newest seed, plus ``top1`` as the mean over the
-    newest row of every seed, ``top1_sd`` (sample standard deviation, ``""`` for one seed),
+def summarise(rows: Sequence[Mapping[str, str]], metric: str = "top1") -> list[dict[str, Any]]:
+    """One entry per run: the newest row of its newest seed, plus ``metric`` as the mean over the
+    newest row of every seed, ``<metric>_sd`` (sample standard deviation, ``""`` for one seed),
     ``seeds`` ("0,1") and ``n``."""
     by_run: dict[str, list[Mapping[str, str]]] = {}
     for row in latest_rows(rows):
         by_run.setdefault(row["run"], []).append(row)
     summary = []
     for run_rows in by_run.values():
-        values = [float(r["top1"]) for r in run_rows]
-        mean = statistics.fmean(values)
+        values = [float(r[metric]) for r in run_rows if r.get(metric) not in ("", None)]
         entry = dict(run_rows[-1])
         entry.update(
-            top1=mean,
-            top1_sd=statistics.stdev(values) if len(values) > 1 else "",
-            seeds=",".join(str(r.get("seed", "")) for r in run_rows),
-            n=len(values),
+            {
+                metric: statistics.fmean(values) if values else "",
+                f"{metric}_sd": statistics.stdev(values) if len(values) > 1 else "",
+                "seeds": ",".join(str(r.get("seed", "")) for r in run_rows),
+                "n": len(values),
+            }
         )
         summary.append(entry)
     return summary
 
 
+METRIC_HEADERS = {"top1": "top-1 (%)", "mean_error": "mean error (%)"}
+
+
 def render_table(
-    rows: Sequence[Mapping[str, str]], title: str | None = None, reference: str | None = None
+    rows: Sequence[Mapping[str, str]],
+    title: str | None = None,
+    reference: str | None = None,
+    metric: str = "top1",
 ) -> str:
-    """A Markdown table, one line per run: mean top-1 over the seeds run (newest row of each),
-    its standard deviation, and with ``reference`` (a run name) the difference to that run."""
-    summary = summarise(rows)
-    reference_top1 = next((e["top1"] for e in summary if e["run"] == reference), None)
+    """A Markdown table, one line per run: ``metric`` (``top1``, or ``mean_error`` for test-time
+    adaptation) averaged over the seeds run (newest row of each), its standard deviation, and with
+    ``reference`` (a run name) the difference to that run."""
+    summary = summarise(rows, metric)
+    reference_value = next(
+        (e[metric] for e in summary if e["run"] == reference and e[metric] != ""), None
+    )
     columns = [
         ("run", "run"),
         ("method", "method"),
-        ("student", "student"),
+        ("student", "student" if metric == "top1" else "model"),
         ("teacher", "teacher"),
         ("dataset", "dataset"),
-        ("top1", "top-1 (%)"),
-        ("top1_sd", "sd"),
-        *([("delta", f"vs {reference}")] if reference_top1 is not None else []),
-        ("paper_top1", "paper top-1 (%)"),
+        (metric, METRIC_HEADERS.get(metric, metric)),
+        (f"{metric}_sd", "sd"),
+        *([("delta", f"vs {reference}")] if reference_value is not None else []),
+        *([("paper_top1", "paper top-1 (%)")] if metric == "top1" else []),
         ("epochs", "epochs"),
         ("seeds", "seeds"),
         ("wall_clock_s", "time (s)"),
@@ -121,29 +132,34 @@ def render_table(
     lines.append("| " + " | ".join(header for _, header in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for entry in summary:
-        if reference_top1 is not None:
-            entry["delta"] = f"{entry['top1'] - reference_top1:+.2f}"
+        if reference_value is not None and entry[metric] != "":
+            entry["delta"] = f"{entry[metric] - reference_value:+.2f}"
         cells = [_format(key, entry.get(key, "")) for key, _ in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def plot_bars(rows: Sequence[Mapping[str, str]], path: str | Path, title: str = "") -> None:
-    """A bar chart of top-1 accuracy per run (mean over its seeds, see :func:`summarise`)."""
+def plot_bars(
+    rows: Sequence[Mapping[str, str]], path: str | Path, title: str = "", metric: str = "top1"
+) -> None:
+    """A bar chart of ``metric`` per run (mean over its seeds, see :func:`summarise`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = summarise(rows)
+    rows = [r for r in summarise(rows, metric) if r[metric] != ""]
     names = [r["run"] for r in rows]
-    values = [float(r["top1"]) for r in rows]
+    values = [float(r[metric]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
     bars = ax.bar(names, values, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
-    low = min(values) if values else 0.0
-    ax.set_ylim(max(0.0, low - 10.0), 100.0)
-    ax.set_ylabel("top-1 accuracy (%)")
+    if metric == "top1":
+        low = min(values) if values else 0.0
+        ax.set_ylim(max(0.0, low - 10.0), 100.0)
+    else:
+        ax.set_ylim(0.0, min(100.0, max(values, default=0.0) + 10.0))
+    ax.set_ylabel(METRIC_HEADERS.get(metric, metric))
     ax.set_title(title)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -154,10 +170,46 @@ def plot_bars(rows: Sequence[Mapping[str, str]], path: str | Path, title: str = 
 def _format(key: str, value: str) -> str:
     if value in ("", None):
         return "-"
-    if key in ("top1", "paper_top1", "top1_sd"):
+    if key in ("top1", "paper_top1", "top1_sd", "mean_error", "mean_error_sd"):
         return f"{float(value):.2f}"
     if key == "wall_clock_s":
         return f"{float(value):.0f}"
     if key == "git_commit":
         return value[:10]
     return str(value)
+
+
+def plot_stream(streams: Mapping[str, str | Path], path: str | Path, title: str = "") -> None:
+    """Error along a test-time adaptation stream, one line per run: the error (%) of each batch
+    of every ``tta_stream.csv`` (as written by :class:`~kdzoo.methods.tta.TTAModule`), smoothed
+    over 5 batches, with the domain boundaries of the first run marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(11, 4))
+    boundaries: list[tuple[int, str]] = []
+    for label, csv_path in streams.items():
+        rows = read_rows(csv_path)
+        errors = [100.0 * int(r["errors"]) / max(1, int(r["images"])) for r in rows]
+        smooth = [statistics.fmean(errors[max(0, i - 4) : i + 1]) for i in range(len(errors))]
+        ax.plot(range(len(smooth)), smooth, label=label, linewidth=1.2)
+        if not boundaries:
+            boundaries = [
+                (i, r["name"])
+                for i, r in enumerate(rows)
+                if i == 0 or r["domain"] != rows[i - 1]["domain"]
+            ]
+    for index, name in boundaries:
+        ax.axvline(index, color="0.85", linewidth=0.6, zorder=0)
+        ax.text(index, 1.0, name, rotation=90, fontsize=6, va="top", ha="left",
+                transform=ax.get_xaxis_transform(), color="0.4")  # fmt: skip
+    ax.set_xlabel("test batch (stream order)")
+    ax.set_ylabel("error (%), 5-batch mean")
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=4, loc="upper right")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

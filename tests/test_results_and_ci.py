@@ -117,3 +117,19 @@ def test_csv_header_order_is_stable(tmp_path):
     append_row(path, row("a", 1.0))
     with path.open() as f:
         assert tuple(next(csv.reader(f))) == RESULT_FIELDS
+
+
+def test_mean_error_table_and_stream_plot(tmp_path):
+    from kdzoo.results import plot_stream
+
+    path = tmp_path / "tta.csv"
+    for run, error, seed in [("source", 40.0, 0), ("tent", 30.0, 0), ("tent", 34.0, 1)]:
+        append_row(path, {**row(run, ""), "mean_error": error, "seed": seed})
+    table = render_table(read_rows(path), reference="source", metric="mean_error")
+    assert "mean error (%)" in table and "top-1" not in table
+    assert "| tent | KD | s | t | D | 32.00 | 2.83 | -8.00 |" in table
+    plot_bars(read_rows(path), tmp_path / "tta.png", metric="mean_error")
+    stream = tmp_path / "tta_stream.csv"
+    stream.write_text("batch,domain,name,images,errors\n0,0,fog-5,10,3\n1,1,snow-5,10,5\n")
+    plot_stream({"tent": stream, "source": stream}, tmp_path / "stream.png", title="t")
+    assert (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
