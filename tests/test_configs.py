@@ -32,7 +32,9 @@ def test_configs_are_found() -> None:
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     dataset_defaults = ROOT / path.relative_to(ROOT).parts[0] / "defaults.yaml"
-    args = ["fit", "-c", str(dataset_defaults), "-c", str(path), "--print_config"]
+    # Test-time adaptation configs (corruption streams, `<dataset>_c/`) run with `kdzoo test`.
+    command = "test" if path.relative_to(ROOT).parts[0].endswith("_c") else "fit"
+    args = [command, "-c", str(dataset_defaults), "-c", str(path), "--print_config"]
     with pytest.raises(SystemExit) as exit_info:
         KDCLI(args=args)
     assert exit_info.value.code in (0, None), capsys.readouterr().err
@@ -40,8 +42,9 @@ def test_config_parses(path: Path, capsys: pytest.CaptureFixture) -> None:
     model = printed["model"]
     assert model["class_path"].startswith("kdzoo.methods.")
     # Architectures exist in timm's registry (the CIFAR nets are registered by kdzoo.models).
-    names = [model["init_args"]["student"]]
-    teachers = model["init_args"].get("teacher") or model["init_args"].get("specialists") or []
+    names = [model["init_args"].get("student") or model["init_args"]["source"]["name"]]
+    init = model["init_args"]
+    teachers = init.get("teacher") or init.get("specialists") or init.get("source") or []
     names += [t["name"] for t in (teachers if isinstance(teachers, list) else [teachers])]
     for name in names:
         assert timm.is_model(name.split(".")[0]), f"{path.name}: no timm model {name!r}"

@@ -14,6 +14,7 @@ from kdzoo.datamodules.base import (
     resolve_root,
 )
 from kdzoo.datamodules.cifar import CIFAR10, CIFAR100
+from kdzoo.datamodules.corruption_stream import CorruptionStream
 from kdzoo.datamodules.digits import Digits
 from kdzoo.datamodules.fashion_mnist import FashionMNIST
 from kdzoo.datamodules.image_folder import ImageFolder
@@ -21,6 +22,7 @@ from kdzoo.datamodules.image_folder import ImageFolder
 __all__ = [
     "CIFAR10",
     "CIFAR100",
+    "CorruptionStream",
     "DataError",
     "DatasetNotFoundError",
     "Digits",

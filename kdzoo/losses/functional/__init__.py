@@ -1,12 +1,15 @@
 """Pure loss functions ``<name>_loss(student, teacher, ..., *, hyper_parameters)``, a file each."""
 
 from kdzoo.losses.functional.cmi import conditional_mutual_information
+from kdzoo.losses.functional.contrastive import rmt_contrastive_loss, supcon_loss
 from kdzoo.losses.functional.dist import dist_loss
 from kdzoo.losses.functional.dkd import dkd_loss
+from kdzoo.losses.functional.entropy import soft_cross_entropy, softmax_entropy
 from kdzoo.losses.functional.kc import concentration_loss, concentration_targets
 from kdzoo.losses.functional.kd import kd_loss
 from kdzoo.losses.functional.nd import nd_loss
 from kdzoo.losses.functional.pld import pld_loss
+from kdzoo.losses.functional.sce import symmetric_cross_entropy
 from kdzoo.losses.functional.tgeo import tgeo_loss, tgeo_relations
 
 __all__ = [
@@ -18,6 +21,11 @@ __all__ = [
     "kd_loss",
     "nd_loss",
     "pld_loss",
+    "rmt_contrastive_loss",
+    "soft_cross_entropy",
+    "softmax_entropy",
+    "supcon_loss",
+    "symmetric_cross_entropy",
     "tgeo_loss",
     "tgeo_relations",
 ]
