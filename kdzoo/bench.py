@@ -7,7 +7,8 @@ arguments ``{best:RUN}`` stands for the best checkpoint of the earlier run ``RUN
 specialist teachers, or a fine-tuned teacher's initial weights). A run with ``command: test``
 evaluates without training (test-time adaptation: the model adapts during ``kdzoo test``); a
 suite's ``metric`` (``top1`` or ``mean_error``) is what its table and bar chart show, and runs that
-write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. Adding a
+write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. ``fast`` may be a dict
+of presets per command, and a run's ``fast_args`` are added in ``--fast`` mode. Adding a
 method to a suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
 :class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
 one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
@@ -15,6 +16,7 @@ one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendere
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from collections.abc import Sequence
@@ -75,6 +77,7 @@ def run_suite(
     streams: dict[str, Path] = {}
     rows = []
     metric = suite.get("metric", "top1")
+    data_args = _prepare_corruptions(suite.get("corruptions"), fast, out)
     for run in suite["runs"]:
         command = run.get("command", "fit")
         if command not in ("fit", "test"):
@@ -83,11 +86,15 @@ def run_suite(
         for config in [*suite.get("base", []), *run.get("configs", [])]:
             args += ["-c", str(configs_dir / config)]
         args += [_fill_checkpoints(arg, best) for arg in run.get("args", [])]
-        args += suite.get("fast", []) if fast else []
+        if fast:  # a list for every run, or {fit: [...], test: [...]}; then the run's own
+            preset = suite.get("fast", [])
+            args += preset.get(command, []) if isinstance(preset, dict) else preset
+            args += [_fill_checkpoints(arg, best) for arg in run.get("fast_args", [])]
         if run.get("teacher"):
             args.append(f"--model.init_args.teacher.weights={best[run['teacher']]}")
-        if download:
+        if download and command == "fit":
             args.append("--data.init_args.download=true")
+        args += data_args if command == "test" else []
         args += [
             f"--seed_everything={seed}",
             f"--trainer.logger.init_args.save_dir={out / 'runs' / table}",
@@ -116,6 +123,31 @@ def run_suite(
         plot_stream(streams, out / f"{table}_stream.png", title=f"{title}: error along the stream")
     print(markdown)
     return rows
+
+
+def _prepare_corruptions(spec: dict[str, Any] | None, fast: bool, out: Path) -> list[str]:
+    """Generate the suite's corruption set (``corruptions: {dataset: FashionMNIST}``) where
+    ``CorruptionStream`` looks for it, unless it is there; ``--fast`` writes a 200-image set under
+    ``<out>/data`` instead (never into the shared cache) and points the test runs at it."""
+    if not spec:
+        return []
+    from kdzoo.corruptions.__main__ import main as make_corruptions
+    from kdzoo.datamodules import CorruptionStream
+    from kdzoo.datamodules.base import DatasetNotFoundError
+
+    name = spec.get("name", f"{spec['dataset']}-C")
+    if fast:
+        root = out / "data"
+        if not (root / name).is_dir():
+            make_corruptions([spec["dataset"], "--out", str(root), "--num", "200"])
+        return [f"--data.init_args.root={root}"]
+    try:
+        CorruptionStream(dataset=name).find_root()
+    except DatasetNotFoundError:
+        root = Path(os.environ.get("KDZOO_DATA") or Path.home() / ".cache/kdzoo/data")
+        print(f"kdzoo bench: writing {root / name} (one time, about a minute)")
+        make_corruptions([spec["dataset"], "--out", str(root)])
+    return []
 
 
 def _row(

@@ -150,6 +150,22 @@ def test_bench_quick_fast(tmp_path):
     assert (tmp_path / "results/quick_fast.png").stat().st_size > 0
 
 
+def test_bench_tta_quick_fast(tmp_path):
+    """The TTA suite end to end: a source model from `fit`, then every TTA method through
+    `kdzoo test` on a generated 200-image Fashion-MNIST-C."""
+    from kdzoo.methods import tta
+
+    kdzoo("bench", "run", "tta-quick", "--fast", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    rows = list(csv.DictReader((tmp_path / "r/tta-quick_fast.csv").open()))
+    tta_rows = [r for r in rows if r["run"] != "source_model"]
+    assert {r["method"] for r in tta_rows} == set(tta.__all__) - {"TTAModule"}
+    for row in tta_rows:
+        assert 0.0 <= float(row["mean_error"]) <= 100.0 and row["dataset"] == "CorruptionStream"
+    assert (tmp_path / "r/data/FashionMNIST-C/fog.npy").is_file(), "the fast set is local"
+    assert "mean error (%)" in (tmp_path / "r/tta-quick_fast.md").read_text()
+    assert (tmp_path / "r/tta-quick_fast_stream.png").stat().st_size > 0
+
+
 # ---- bad input: a clear message, no traceback ---------------------------------------------------
 def test_missing_dataset_root(tmp_path):
     missing = tmp_path / "nowhere"
