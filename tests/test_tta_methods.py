@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import importlib.util
 import math
 from pathlib import Path
 from typing import Any
@@ -469,13 +468,7 @@ def write_stream(root: Path, corruptions: list[str], per_severity: int = 40) -> 
     np.save(folder / "labels.npy", np.tile(labels[-per_severity:], 5))
 
 
-# Written against the documented interface of the CorruptionStream datamodule, which another
-# change adds; skipped (before the source model is trained) until that module exists.
-HAS_CORRUPTION_STREAM = importlib.util.find_spec("kdzoo.datamodules.corruption_stream") is not None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not HAS_CORRUPTION_STREAM, reason="kdzoo.datamodules.corruption_stream missing")
 def test_kdzoo_test_runs_tent_on_a_corruption_stream(tmp_path: Path, teacher_ckpt: Path) -> None:
     """``kdzoo test --model Tent`` on a generated 2-domain stream, from a source model trained by
     ``kdzoo fit --model Supervised`` on Digits (the stream uses the source's normalisation)."""
@@ -511,3 +504,35 @@ def test_kdzoo_test_runs_tent_on_a_corruption_stream(tmp_path: Path, teacher_ckp
         assert math.isclose(metrics[f"test/error_{domain['name']}"], 100 * errors / 40)
     mean_error = sum(float(d["error"]) for d in domains) / 2
     assert math.isclose(metrics["test/mean_error"], mean_error, abs_tol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mismatch", ["channels", "classes"])
+def test_stream_that_does_not_fit_the_source_is_a_clear_error(
+    mismatch: str, tmp_path: Path, teacher_ckpt: Path
+) -> None:
+    """The Digits source takes 1-channel images of 10 classes: a 3-channel stream, or one with 12
+    classes, stops with a one-line error naming the mismatch, before any adaptation."""
+    from cli_helpers import assert_clear_error, kdzoo
+
+    from kdzoo.datamodules import Digits
+
+    write_stream(tmp_path / "data", ["fog"])
+    folder = tmp_path / "data/Tiny-C"
+    mean, std = list(Digits().mean), list(Digits().std)
+    if mismatch == "channels":
+        np.save(folder / "fog.npy", np.repeat(np.load(folder / "fog.npy"), 3, axis=3))
+        mean, std = mean * 3, std * 3
+    else:
+        labels = np.load(folder / "labels.npy")
+        labels[:2] = 11
+        np.save(folder / "labels.npy", labels)
+    proc = kdzoo(
+        "test", "--model=Tent", "--model.source.name=test_resnet",
+        f"--model.source.weights={teacher_ckpt}", "--data=CorruptionStream",
+        f"--data.root={tmp_path / 'data'}", "--data.dataset=Tiny-C", "--data.corruptions=[fog]",
+        f"--data.mean={mean}", f"--data.std={std}", "--trainer.inference_mode=false",
+        cwd=tmp_path, expect_fail=True,
+    )  # fmt: skip
+    expected = "in_chans=3" if mismatch == "channels" else "12 classes"
+    assert_clear_error(proc, "kdzoo test: error:", expected)

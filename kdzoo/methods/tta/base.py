@@ -40,6 +40,7 @@ from torch import nn
 from kdzoo.errors import ConfigError
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.teacher import TeacherSpec, load_weights, resolve_weights
+from kdzoo.models.weights import WeightsError
 
 __all__ = ["TTAModule", "ema_update", "use_batch_statistics"]
 
@@ -147,7 +148,13 @@ class TTAModule(L.LightningModule, ABC):
             )
         if spec.weights not in (None, "timm"):
             path, recorded = resolve_weights(spec.weights)
-            load_weights(backbone, path)
+            try:
+                load_weights(backbone, path)
+            except WeightsError as err:
+                raise WeightsError(
+                    f"source.weights: {err} (the stream has in_chans={in_chans} and "
+                    f"{num_classes} classes; the source model must take the same)"
+                ) from err
             self._check_normalisation(recorded)
         return backbone
 
