@@ -536,3 +536,39 @@ def test_stream_that_does_not_fit_the_source_is_a_clear_error(
     )  # fmt: skip
     expected = "in_chans=3" if mismatch == "channels" else "12 classes"
     assert_clear_error(proc, "kdzoo test: error:", expected)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_adapt_like_one(tmp_path: Path, teacher_ckpt: Path) -> None:
+    """PSMT (source Fisher computed on rank 0 and broadcast) over 2 CPU processes: the same
+    per-domain errors as one process; without use_distributed_sampler=false, a clear error."""
+    from cli_helpers import assert_clear_error, kdzoo
+
+    from kdzoo.datamodules import Digits
+
+    write_stream(tmp_path / "data", ["gaussian_noise", "fog"])
+    digits = Digits()
+    args = [
+        "test", "--model=PSMT", "--model.source.name=test_resnet",
+        f"--model.source.weights={teacher_ckpt}",
+        "--model.source_data={class_path: kdzoo.datamodules.Digits,"
+        " init_args: {train_subset: 200}}",
+        "--model.fisher_samples=100", "--data=CorruptionStream", f"--data.root={tmp_path / 'data'}",
+        "--data.dataset=Tiny-C", "--data.corruptions=[gaussian_noise,fog]", "--data.batch_size=20",
+        f"--data.mean={list(digits.mean)}", f"--data.std={list(digits.std)}",
+        "--trainer.inference_mode=false", "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+    ]  # fmt: skip
+    ddp = ["--trainer.devices=2", "--trainer.strategy=ddp"]
+    proc = kdzoo(*args, *ddp, cwd=tmp_path, expect_fail=True)
+    assert_clear_error(proc, "kdzoo test: error:", "use_distributed_sampler=false")
+
+    kdzoo(*args, "--trainer.logger.init_args.name=one", cwd=tmp_path,
+          env={"KDZOO_HOME": str(tmp_path / "home1")})  # fmt: skip
+    kdzoo(*args, *ddp, "--trainer.use_distributed_sampler=false",
+          "--trainer.logger.init_args.name=two", cwd=tmp_path,
+          env={"KDZOO_HOME": str(tmp_path / "home2")})  # fmt: skip
+    one = (tmp_path / "runs/one/version_0/tta_domains.csv").read_text()
+    two = (tmp_path / "runs/two/version_0/tta_domains.csv").read_text()
+    assert one == two and one.count("\n") == 3
+    assert list((tmp_path / "home2/tta").rglob("*")), "the DDP run computed and cached the Fisher"

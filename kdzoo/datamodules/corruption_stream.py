@@ -21,8 +21,9 @@ gradual, each corruption at severities 1, 2, .., ``severity``, .., 2, 1 (1..5..1
 default). Each block (one corruption at one severity) is one domain of the stream, with its own
 batches: a batch never mixes two domains, and the last batch of a block may be short. Batches
 are ``(images, labels, domain)``: float32 ``N x C x H x W`` normalised with ``mean``/``std``,
-int64 labels, int64 domain index into :attr:`CorruptionStream.domains`. The stream is meant for
-one device: under DDP, Lightning would deal its batches out to the ranks in turn.
+int64 labels, int64 domain index into :attr:`CorruptionStream.domains`. Under DDP, run with
+``--trainer.use_distributed_sampler=false`` so every process gets the whole stream in order
+(otherwise Lightning deals the batches out to the ranks; the TTA methods refuse that).
 """
 
 from __future__ import annotations

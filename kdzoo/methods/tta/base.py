@@ -17,7 +17,9 @@ mode (no dropout), every BatchNorm normalises with the statistics of the test ba
 running statistics are removed) unless ``batch_norm="source"``; the optimiser (Adam 1e-3 by
 default, the benchmark's CIFAR setting) is built when the test starts; ``reset="each_shift"``
 restores the initial state whenever the domain changes, otherwise the model is reset only at
-the start of the stream. :meth:`TTAModule.prepare` runs one-time set-ups (source statistics,
+the start of the stream. Under DDP (``--trainer.use_distributed_sampler=false``, which is
+required) every process adapts on the whole stream, identically; one-time set-ups are computed
+on rank 0 and broadcast. :meth:`TTAModule.prepare` runs one-time set-ups (source statistics,
 warm-up) before the initial state is recorded.
 """
 
@@ -36,6 +38,7 @@ import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from kdzoo.errors import ConfigError
 from kdzoo.models.backbone import Backbone, BackboneOutput
@@ -180,6 +183,17 @@ class TTAModule(L.LightningModule, ABC):
             raise ConfigError(
                 "test-time adaptation needs gradients: run with --trainer.inference_mode=false"
             )
+        trainer = self._trainer  # None when the protocol is driven by hand (tests)
+        if (
+            trainer is not None
+            and trainer.world_size > 1
+            and _stream_is_split(trainer.test_dataloaders)
+        ):
+            raise ConfigError(
+                "a test-time adaptation stream must reach every process whole and in order: "
+                "run several devices with --trainer.use_distributed_sampler=false (each process "
+                "then adapts on the full stream, identically), or use one device"
+            )
         self.model.eval()
         self.prepare()
         params = [p for p in self.trainable_parameters() if p.requires_grad]
@@ -227,9 +241,12 @@ class TTAModule(L.LightningModule, ABC):
         names = self._domain_names()
         errors = {d: 100.0 * w / n for d, (w, n) in sorted(self._errors.items())}
         for domain, error in errors.items():
-            self.log(f"test/error_{names.get(domain, domain)}", error)
+            # Under DDP every process adapts on the whole stream, so the values agree across
+            # ranks; syncing only averages equal numbers.
+            self.log(f"test/error_{names.get(domain, domain)}", error, sync_dist=True)
         if errors:
-            self.log("test/mean_error", sum(errors.values()) / len(errors), prog_bar=True)
+            mean_error = sum(errors.values()) / len(errors)
+            self.log("test/mean_error", mean_error, prog_bar=True, sync_dist=True)
         self._write_csvs(errors, names)
 
     def _domain_names(self) -> dict[int, str]:
@@ -255,3 +272,10 @@ class TTAModule(L.LightningModule, ABC):
     def configure_optimizers(self) -> None:
         # Built in on_test_start: TTA never runs `fit`.
         return None
+
+
+def _stream_is_split(loaders: Any) -> bool:
+    """Whether Lightning put a ``DistributedSampler`` in front of the test stream."""
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    samplers = [getattr(loader, "sampler", None) for loader in loaders]
+    return any(isinstance(sampler, DistributedSampler) for sampler in samplers)
