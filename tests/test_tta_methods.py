@@ -572,3 +572,19 @@ def test_ddp_two_processes_adapt_like_one(tmp_path: Path, teacher_ckpt: Path) ->
     two = (tmp_path / "runs/two/version_0/tta_domains.csv").read_text()
     assert one == two and one.count("\n") == 3
     assert list((tmp_path / "home2/tta").rglob("*")), "the DDP run computed and cached the Fisher"
+
+
+def test_gradual_logs_the_severity5_mean_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kdzoo.methods.tta import BNAdapt
+
+    module = BNAdapt(source=TeacherSpec("test_resnet"), num_classes=10, in_chans=1)
+    names = ["fog-1", "fog-5", "fog-1#2", "snow-1", "snow-5", "snow-1#2"]
+    monkeypatch.setattr(module, "_domain_names", lambda: dict(enumerate(names)))
+    module._errors = {d: [e, 100] for d, e in enumerate([10, 40, 20, 30, 60, 10])}
+    module._stream_rows = []
+    logged: dict[str, float] = {}
+    monkeypatch.setattr(module, "log", lambda name, value, **kw: logged.__setitem__(name, value))
+    module.on_test_epoch_end()
+    assert logged["test/mean_error"] == pytest.approx(170 / 6)
+    assert logged["test/mean_error_severity5"] == pytest.approx(50.0)
+    assert logged["test/error_fog-1#2"] == pytest.approx(20.0)

@@ -247,6 +247,12 @@ class TTAModule(L.LightningModule, ABC):
         if errors:
             mean_error = sum(errors.values()) / len(errors)
             self.log("test/mean_error", mean_error, prog_bar=True, sync_dist=True)
+        # The gradual setting also reports the mean over its severity-5 blocks (domain names
+        # are "<corruption>-<severity>[#k]").
+        severities = {_severity(n) for n in names.values()}
+        top = [e for d, e in errors.items() if _severity(names.get(d)) == "5"]
+        if len(severities) > 1 and top:
+            self.log("test/mean_error_severity5", sum(top) / len(top), sync_dist=True)
         self._write_csvs(errors, names)
 
     def _domain_names(self) -> dict[int, str]:
@@ -272,6 +278,10 @@ class TTAModule(L.LightningModule, ABC):
     def configure_optimizers(self) -> None:
         # Built in on_test_start: TTA never runs `fit`.
         return None
+
+
+def _severity(name: Any) -> str | None:
+    return str(name).split("#")[0].rsplit("-", 1)[-1] if name is not None else None
 
 
 def _stream_is_split(loaders: Any) -> bool:
