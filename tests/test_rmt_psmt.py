@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 
 import numpy as np
 import pytest
@@ -125,10 +124,7 @@ def test_global_quantile_equals_numpy_linear(n, q):
 def test_global_quantile_above_torch_quantile_limit():
     n = 2**24 + 5  # torch.quantile refuses more than 2**24 entries
     values = torch.rand(n, generator=torch.Generator().manual_seed(0))
-    start = time.perf_counter()
     ours = float(global_quantile(values, 0.03))
-    if time.perf_counter() - start > 5:
-        pytest.skip("the large quantile is too slow on this machine")
     assert ours == pytest.approx(float(np.quantile(values.numpy(), 0.03)), rel=1e-6)
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kdzoo.losses.functional._checks import check_class_targets
+
 __all__ = ["conditional_mutual_information"]
 
 
@@ -66,18 +68,7 @@ def conditional_mutual_information(
             f"centroids must be ({num_classes}, {num_classes}): one distribution over the "
             f"{num_classes} classes of probs per class, got shape {tuple(centroids.shape)}"
         )
-    if target.shape != (n,) or target.is_floating_point() or target.is_complex():
-        raise ValueError(
-            f"target must hold one integer class index per sample, shape ({n},), got "
-            f"{target.dtype} of shape {tuple(target.shape)}"
-        )
-    if n > 0:
-        low, high = (int(v) for v in torch.aminmax(target))
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"target labels must lie in [0, {num_classes}) for {num_classes}-class "
-                f"probabilities, got values in [{low}, {high}]"
-            )
+    check_class_targets(target, n, num_classes, "probabilities")
 
     # At least float32: under bf16/fp16 autocast log P and log Q lose most digits.
     dtype = torch.promote_types(torch.promote_types(probs.dtype, centroids.dtype), torch.float32)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from kdzoo.losses.functional._checks import check_class_targets
+
 __all__ = ["pld_loss"]
 
 _WEIGHTINGS = ("teacher", "uniform")
@@ -88,18 +90,7 @@ def pld_loss(
             f"PLD needs (N, C) logits with C >= 1 classes, got shape {tuple(student_logits.shape)}"
         )
     n, num_classes = student_logits.shape
-    if target.shape != (n,) or target.is_floating_point() or target.is_complex():
-        raise ValueError(
-            f"target must hold one integer class index per sample, shape ({n},), got "
-            f"{target.dtype} of shape {tuple(target.shape)}"
-        )
-    if n > 0:
-        low, high = (int(v) for v in torch.aminmax(target))
-        if low < 0 or high >= num_classes:
-            raise ValueError(
-                f"target labels must lie in [0, {num_classes}) for {num_classes}-class logits, "
-                f"got values in [{low}, {high}]"
-            )
+    check_class_targets(target, n, num_classes, "logits")
 
     # At least float32: under bf16/fp16 autocast the suffix log-sum-exps lose most digits.
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
