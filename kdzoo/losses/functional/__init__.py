@@ -10,9 +10,11 @@ from kdzoo.losses.functional.kd import kd_loss
 from kdzoo.losses.functional.nd import nd_loss
 from kdzoo.losses.functional.pld import pld_loss
 from kdzoo.losses.functional.sce import symmetric_cross_entropy
+from kdzoo.losses.functional.segmentation import channel_wise_distillation_loss, pixel_kd_loss
 from kdzoo.losses.functional.tgeo import tgeo_loss, tgeo_relations
 
 __all__ = [
+    "channel_wise_distillation_loss",
     "concentration_loss",
     "concentration_targets",
     "conditional_mutual_information",
@@ -20,6 +22,7 @@ __all__ = [
     "dkd_loss",
     "kd_loss",
     "nd_loss",
+    "pixel_kd_loss",
     "pld_loss",
     "rmt_contrastive_loss",
     "soft_cross_entropy",
