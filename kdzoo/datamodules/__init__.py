@@ -18,16 +18,30 @@ from kdzoo.datamodules.corruption_stream import CorruptionStream
 from kdzoo.datamodules.digits import Digits
 from kdzoo.datamodules.fashion_mnist import FashionMNIST
 from kdzoo.datamodules.image_folder import ImageFolder
+from kdzoo.datamodules.segmentation import (
+    ADE20K,
+    GTA5,
+    Cityscapes,
+    FashionMNISTMosaics,
+    PascalVOC,
+    SegmentationDataModule,
+)
 
 __all__ = [
+    "ADE20K",
     "CIFAR10",
     "CIFAR100",
+    "GTA5",
+    "Cityscapes",
     "CorruptionStream",
     "DataError",
     "DatasetNotFoundError",
     "Digits",
     "FashionMNIST",
+    "FashionMNISTMosaics",
     "ImageClassificationDataModule",
     "ImageFolder",
+    "PascalVOC",
+    "SegmentationDataModule",
     "resolve_root",
 ]

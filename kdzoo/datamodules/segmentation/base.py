@@ -1,0 +1,673 @@
+"""Shared machinery for kdzoo's semantic-segmentation DataModules.
+
+Every segmentation DataModule follows one contract (kdzoo spec ``segmentation.md`` §5), so that a
+LightningCLI config can swap datasets and the segmentation methods (LAD, FST, ...) can rely on it:
+
+- ``num_classes``, ``in_chans`` (3), ``mean``, ``std``, ``class_names`` and ``ignore_index`` (always
+  255, the value every converter writes on disk) are valid right after ``__init__``;
+- val/test/predict batches are ``(image float32 N x 3 x H x W normalised, mask int64 N x H x W)``
+  with class ids ``0..C-1`` and 255 for "ignore"; eval transforms never crop or flip, and resize
+  (image bilinear, mask nearest) only when ``eval_size`` is given;
+- train batches are random crops: ``(image, mask)``, or, when unlabelled data is configured, a
+  dict ``{"labelled": (image, mask), "unlabelled": image_u}`` from Lightning's
+  :class:`~lightning.pytorch.utilities.combined_loader.CombinedLoader` in ``"max_size_cycle"``
+  mode, so an epoch is as long as the longer loader (the U2PL/FST convention of cycling the
+  labelled set to the unlabelled length). ``future_batches=K`` adds ``"future"``: a list of ``K``
+  such dicts from further independently shuffled loaders, the extra batches FST-W's virtual
+  students consume (Du et al., "Learning from Future: A Novel Self-Training Framework for Semantic
+  Segmentation", NeurIPS 2022, arXiv:2209.06993; official code https://github.com/usr922/FST);
+- the train pipeline is one albumentations ``Compose`` applied to image and mask together: random
+  scale, pad to the crop (image 0, mask 255), random crop, horizontal flip, normalise; its RNG is
+  reseeded by the classification base's scheme (``TransformedDataset.reseed``,
+  ``ReseedingDataLoader``, ``seed_worker`` of :mod:`kdzoo.datamodules.base`), so runs under
+  ``lightning.seed_everything`` see identical batches;
+- every mask is checked when it is loaded (size against its image; ids against ``0..C-1`` and
+  255), so malformed data fails at the first batch with a :class:`DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import cv2
+import lightning as L
+import numpy as np
+from albumentations.pytorch import ToTensorV2
+from lightning.pytorch.utilities.combined_loader import CombinedLoader
+from PIL import Image
+from torch.utils.data import DataLoader, default_collate
+
+from kdzoo.datamodules.base import (
+    DataError,
+    DatasetNotFoundError,
+    Expected,
+    ReseedingDataLoader,
+    TransformedDataset,
+    _check,
+    resolve_root,
+    seed_worker,
+)
+from kdzoo.datamodules.image_folder import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = [
+    "IGNORE_INDEX",
+    "ArrayItems",
+    "SegItem",
+    "SegmentationDataModule",
+    "SegmentationDataset",
+    "encode_mask",
+    "read_split_list",
+]
+
+#: The "ignore" class id, on disk (mmseg, CIRKD, U2PL, DAFormer) and in every batch.
+IGNORE_INDEX = 255
+
+Size = int | tuple[int, int]
+
+
+# -- items --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SegItem:
+    """One image file of a dataset, with its mask file (``None``: unlabelled only).
+
+    Attributes:
+        image: the image file.
+        mask: the mask file (class ids, or raw ids that ``lut`` maps to class ids).
+        key: the dataset's id of the item (e.g. ``aachen_000000_000019``, ``2007_000032``), one
+            of the names a ``labelled_list`` line may use.
+        relpath: the image path relative to the dataset root (the other accepted name).
+        lut: 256 entries mapping the mask file's values to class ids (e.g. Cityscapes labelIds
+            to trainIds); ``None`` when the file already holds class ids.
+    """
+
+    image: Path
+    mask: Path | None
+    key: str
+    relpath: str
+    lut: np.ndarray | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class ArrayItems:
+    """In-memory items: uint8 images ``(N, H, W, 3)`` and uint8 masks ``(N, H, W)`` (or None)."""
+
+    images: np.ndarray
+    masks: np.ndarray | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+# -- mask checks --------------------------------------------------------------------------------
+
+
+def encode_mask(
+    raw: np.ndarray, lut: np.ndarray | None, num_classes: int, where: str, fix: str
+) -> np.ndarray:
+    """Map a mask file's values to class ids and check them; returns a uint8 ``H x W`` mask.
+
+    Args:
+        raw: the mask as read (``np.array(PIL.Image.open(path))``: palette PNGs give indices).
+        lut: 256 entries mapping raw values to class ids, or ``None`` (raw values are class ids).
+        num_classes: valid ids are ``0..num_classes-1`` and :data:`IGNORE_INDEX`.
+        where: the file or item named in errors.
+        fix: what the user should do about out-of-range ids (dataset specific).
+
+    Raises:
+        DataError: for a colour (3-channel) mask, or ids outside the valid set, naming the ids
+            as stored in the file and, when ``lut`` maps them, the class ids they became.
+    """
+    if raw.ndim != 2:
+        raise DataError(
+            f"{where}: mask has shape {raw.shape}; expected a single-channel PNG of class ids "
+            "(a colour-coded mask, e.g. Cityscapes *_color.png, cannot be used)"
+        )
+    if raw.dtype != np.uint8:
+        # 16/32-bit PNGs: fine if every value fits the 8-bit ids kdzoo uses.
+        if raw.size and (raw.min() < 0 or raw.max() > 255):
+            big = np.unique(raw[(raw < 0) | (raw > 255)])[:10].tolist()
+            raise DataError(f"{where}: mask ids {big} do not fit 0..255. {fix}")
+        raw = raw.astype(np.uint8)
+    present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))  # cheaper than np.unique
+    mapped = lut[present] if lut is not None else present
+    bad = (mapped >= num_classes) & (mapped != IGNORE_INDEX)
+    if bad.any():
+        stored = present[bad].tolist()
+        became = "" if lut is None else f" (class ids {mapped[bad].tolist()} after mapping)"
+        raise DataError(
+            f"{where}: mask holds ids {stored}{became} outside 0..{num_classes - 1} and "
+            f"{IGNORE_INDEX} (ignore). {fix}"
+        )
+    return lut[raw] if lut is not None else raw
+
+
+def _check_size(mask: np.ndarray, image: np.ndarray, where: str) -> None:
+    if mask.shape[:2] != image.shape[:2]:
+        (mh, mw), (ih, iw) = mask.shape[:2], image.shape[:2]
+        raise DataError(
+            f"{where}: mask is {mh}x{mw} (HxW) but its image is {ih}x{iw}; every mask must have "
+            "its image's size (re-export the mask, or remove the pair from the dataset)"
+        )
+
+
+# -- datasets -----------------------------------------------------------------------------------
+
+
+class SegmentationDataset(TransformedDataset):
+    """Image/mask pairs run jointly through one albumentations pipeline, checked per item.
+
+    Items are ``(image float32 3 x H x W, mask int64 H x W)``, or only the image when
+    ``with_masks=False`` (the unlabelled set). Subclasses read the data.
+    """
+
+    def __init__(
+        self,
+        num_items: int,
+        transform: A.Compose,
+        indices: Any,
+        rank: int,
+        *,
+        with_masks: bool,
+        num_classes: int,
+        mask_fix: str,
+    ) -> None:
+        # TransformedDataset keeps per-item class targets; segmentation has none, so zeros only
+        # give it the item count.
+        super().__init__(np.zeros(num_items, dtype=np.int64), transform, indices, rank)
+        self.with_masks = with_masks
+        self.num_classes = num_classes
+        self.mask_fix = mask_fix
+
+    @abstractmethod
+    def read_mask(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The mask of item ``j`` as stored, and the lookup table mapping it to class ids."""
+
+    @abstractmethod
+    def describe(self, j: int) -> str:
+        """The file (or item) named in error messages about item ``j``."""
+
+    def __getitem__(self, i: int):
+        j = int(self.indices[i])
+        image = self.load_image(j)
+        if not self.with_masks:
+            return self.transform(image=image)["image"]
+        raw, lut = self.read_mask(j)
+        where = self.describe(j)
+        mask = encode_mask(raw, lut, self.num_classes, where, self.mask_fix)
+        _check_size(mask, image, where)
+        out = self.transform(image=image, mask=mask)
+        return out["image"], out["mask"].long()
+
+    def with_transform(self, transform: A.Compose) -> SegmentationDataset:
+        """A view of the same items through another pipeline (with its own RNG)."""
+        other = copy.copy(self)
+        other.transform = transform
+        other.reseed(0)
+        return other
+
+
+class FileSegmentationDataset(SegmentationDataset):
+    """Items read lazily from image and mask files (:class:`SegItem`)."""
+
+    def __init__(self, items: Sequence[SegItem], transform: A.Compose, indices: Any, rank: int,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(len(items), transform, indices, rank, **kwargs)
+        self.items = list(items)
+
+    def load_image(self, j: int) -> np.ndarray:
+        with Image.open(self.items[j].image) as image:
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+    def read_mask(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        item = self.items[j]
+        if item.mask is None:
+            raise DataError(f"{item.image}: this image has no mask but is used as labelled data")
+        # Never convert(): palette PNGs (VOC) must give their indices, not a luminance.
+        with Image.open(item.mask) as mask:
+            return np.array(mask), item.lut
+
+    def describe(self, j: int) -> str:
+        item = self.items[j]
+        return f"{item.mask} (image {item.image})"
+
+
+class ArraySegmentationDataset(SegmentationDataset):
+    """In-memory items (:class:`ArrayItems`)."""
+
+    def __init__(self, data: ArrayItems, transform: A.Compose, indices: Any, rank: int,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(len(data), transform, indices, rank, **kwargs)
+        self.data = data
+
+    def load_image(self, j: int) -> np.ndarray:
+        return self.data.images[j]
+
+    def read_mask(self, j: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.data.masks is None:
+            raise DataError(f"item {j} has no mask but is used as labelled data")
+        return self.data.masks[j], None
+
+    def describe(self, j: int) -> str:
+        return f"item {j}"
+
+
+def collate(batch: list) -> Any:
+    """``default_collate`` returning ``(images, masks)`` tuples, with a clear error for images of
+    different sizes in one batch."""
+    try:
+        out = default_collate(batch)
+    except RuntimeError:
+        images = [b[0] if isinstance(b, tuple) else b for b in batch]
+        sizes = sorted({tuple(x.shape[-2:]) for x in images})
+        if len(sizes) > 1:
+            raise DataError(
+                f"one batch holds images of different sizes {sizes}: set eval_batch_size=1 "
+                "(the default for datasets with varying image sizes) or eval_size"
+            ) from None
+        raise
+    return tuple(out) if isinstance(out, list) else out
+
+
+# -- split lists --------------------------------------------------------------------------------
+
+
+def read_split_list(path: str | Path) -> list[str]:
+    """Entries of a split file: the first field of every non-empty, non-``#`` line.
+
+    U2PL/FST lists hold one id (``2007_000032``) or one relative image path
+    (``leftImg8bit/train/aachen/aachen_000000_000019_leftImg8bit.png``) per line; CIRKD-style
+    lists add the mask path as a second field, which is ignored.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"labelled_list {path} does not exist or is not a file")
+    entries = []
+    for line in path.read_text().splitlines():
+        fields = line.split()
+        if fields and not fields[0].startswith("#"):
+            entries.append(fields[0].lstrip("/").removeprefix("./"))
+    if not entries:
+        raise DataError(f"labelled_list {path} lists no items")
+    return entries
+
+
+def _item_names(item: SegItem) -> tuple[str, ...]:
+    name = Path(item.relpath).name
+    return (item.key, item.relpath, name, Path(name).stem)
+
+
+def seeded_subset(indices: np.ndarray, size: int | None, seed: int, stream: int) -> np.ndarray:
+    """``size`` of ``indices`` drawn with generator ``(seed, stream)``, sorted; all if ``None``.
+
+    The classification base's scheme: one stream per split, so e.g. the val subset does not
+    change with ``train_subset``.
+    """
+    if size is None or size >= len(indices):
+        return indices
+    rng = np.random.default_rng([seed, stream])
+    return np.sort(rng.permutation(indices)[:size])
+
+
+def _pair(name: str, value: Any, allow_none: bool = False) -> tuple[int, int] | None:
+    """``int`` or ``[h, w]`` -> ``(h, w)``, checked."""
+    if value is None and allow_none:
+        return None
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    ok = len(pair) == 2 and all(isinstance(v, int) and v >= 1 for v in pair)
+    accepted = "an integer >= 1 or [height, width]" + (" or None" if allow_none else "")
+    _check(name, value, ok, accepted)
+    return pair
+
+
+# -- the DataModule -----------------------------------------------------------------------------
+
+
+class SegmentationDataModule(L.LightningDataModule, ABC):
+    """Base DataModule for semantic segmentation (contract in the module docstring).
+
+    Subclasses set the class attributes describing their data and implement :meth:`load_split`.
+
+    Args:
+        root: dataset directory (the only place searched when given); ``None`` searches
+            ``$KDZOO_DATA/<subdir>`` and ``~/.cache/kdzoo/data/<subdir>`` (see
+            :func:`~kdzoo.datamodules.base.resolve_root`). Nothing is ever downloaded.
+        batch_size: training images per batch (labelled and unlabelled each).
+        eval_batch_size: images per val/test/predict batch; keep 1 for datasets whose images
+            differ in size unless ``eval_size`` is set.
+        num_workers: DataLoader worker processes per loader (0 loads in the main process).
+        crop_size: training crop, an int or ``[height, width]``.
+        scale_range: random rescale factor range of the training images (relative to their
+            stored size), image bilinear, mask nearest.
+        flip: random horizontal flip (p = 0.5) of training images.
+        augment: ``False`` disables the random scale and flip (the crop remains, it makes
+            batches).
+        eval_size: resize eval images (bilinear) and masks (nearest) to this int or
+            ``[height, width]``; ``None`` keeps the stored size.
+        train_subset: keep this many (seeded random) labelled training items; ``None`` all.
+        eval_subset: same for the val and test splits.
+        labelled_list: a split file (one id or root-relative image path per line, U2PL/FST
+            style): only these training items are labelled.
+        unlabelled: serve the training items *not* in ``labelled_list``, without masks, as the
+            unlabelled set (semi-supervised training; needs ``labelled_list``).
+        future_batches: ``K`` further labelled+unlabelled batches per step under ``"future"``
+            (FST-W); needs unlabelled data.
+        split_seed: seed of the subsets (and of datasets without an official val split).
+    """
+
+    name: str = "dataset"
+    data_subdir: str = ""
+    layouts: tuple[str, ...] = ("",)
+    expected_files: tuple[Expected, ...] = ()
+    #: How to obtain the data (the hint of the missing-data error).
+    get_hint: str = ""
+    #: What to do about mask ids outside ``0..C-1`` and 255.
+    mask_fix: str = ""
+    default_class_names: tuple[str, ...] = ()
+    default_mean: tuple[float, float, float] = IMAGENET_MEAN
+    default_std: tuple[float, float, float] = IMAGENET_STD
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int = 1,
+        num_workers: int = 0,
+        crop_size: Size = 512,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        flip: bool = True,
+        augment: bool = True,
+        eval_size: Size | None = None,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+        labelled_list: str | None = None,
+        unlabelled: bool = False,
+        future_batches: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            _check(arg, value, isinstance(value, int) and value >= 1, "an integer >= 1")
+        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
+        _check("future_batches", future_batches, future_batches >= 0, "an integer >= 0")
+        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
+            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
+        scale = tuple(float(s) for s in scale_range)
+        ok = len(scale) == 2 and 0 < scale[0] <= scale[1]
+        _check("scale_range", scale_range, ok, "(low, high) with 0 < low <= high")
+        self.save_hyperparameters()
+        # Plain attributes, not hparams: a subclass may redefine an argument (the mosaics'
+        # ``unlabelled`` is a mode), and hparams would then hold the subclass's value.
+        self.root = root
+        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.num_workers = num_workers
+        self.crop_size = _pair("crop_size", crop_size)
+        self.eval_size = _pair("eval_size", eval_size, allow_none=True)
+        self.scale_range = scale
+        self.flip, self.augment = flip, augment
+        self.train_subset, self.eval_subset = train_subset, eval_subset
+        self.split_seed = split_seed
+        self.labelled_list = labelled_list
+        self.use_unlabelled = unlabelled
+        self.future_batches = future_batches
+        self.check_unlabelled_args(labelled_list, unlabelled, future_batches)
+        self.train: SegmentationDataset | None = None
+        self.train_unlabelled: SegmentationDataset | None = None
+        self.val: SegmentationDataset | None = None
+        self.test: SegmentationDataset | None = None
+        self.predict: SegmentationDataset | None = None
+
+    def check_unlabelled_args(
+        self, labelled_list: str | None, unlabelled: bool, future_batches: int
+    ) -> None:
+        """Reject inconsistent semi-supervised arguments at construction."""
+        if labelled_list is not None and not Path(labelled_list).expanduser().is_file():
+            raise DataError(f"labelled_list {labelled_list} does not exist or is not a file")
+        if unlabelled and labelled_list is None:
+            raise DataError(
+                "unlabelled=True needs labelled_list: the training items not listed in it "
+                "become the unlabelled set"
+            )
+        if future_batches and not unlabelled:
+            raise DataError(
+                f"future_batches={future_batches} needs unlabelled data (FST's future batches "
+                "are labelled+unlabelled pairs): set unlabelled=True and labelled_list"
+            )
+
+    # -- properties linked to the model by the CLI ---------------------------------------------
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.default_class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.default_class_names)
+
+    @property
+    def in_chans(self) -> int:
+        return 3
+
+    @property
+    def mean(self) -> tuple[float, ...]:
+        return tuple(self.default_mean)
+
+    @property
+    def std(self) -> tuple[float, ...]:
+        return tuple(self.default_std)
+
+    @property
+    def ignore_index(self) -> int:
+        return IGNORE_INDEX
+
+    # -- data location -------------------------------------------------------------------------
+
+    def how_to_get(self) -> list[str]:
+        places = " or ".join(f"DIR/{layout}" if layout else "DIR" for layout in self.layouts)
+        hints = [] if not self.get_hint else [self.get_hint + " (kdzoo never downloads it)"]
+        return [*hints, f"pass --data.root DIR where {places} holds these folders"]
+
+    def find_root(self) -> Path:
+        """The directory holding the dataset (raises :class:`DatasetNotFoundError`)."""
+        return resolve_root(
+            self.name,
+            self.root,
+            self.data_subdir,
+            self.expected_files,
+            layouts=self.layouts,
+            how_to_get=self.how_to_get(),
+        )
+
+    def prepare_data(self) -> None:
+        """Only checks the data is there: these datasets are never downloaded."""
+        self.find_root()
+
+    # -- splits --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_split(self, split: str) -> Sequence[SegItem] | ArrayItems:
+        """The items of ``split`` (``"train"``, ``"val"`` or ``"test"``), in a fixed order."""
+
+    def split_labelled(self, train: Any) -> tuple[np.ndarray, tuple[Any, np.ndarray] | None]:
+        """Indices of the labelled training items, and the unlabelled ``(items, indices)``.
+
+        Follows ``labelled_list``/``unlabelled``; subclasses with another source of unlabelled
+        data (the mosaics' target domain) override this.
+        """
+        everything = np.arange(len(train))
+        if self.labelled_list is None:
+            return everything, None
+        lookup = {name: i for i, item in enumerate(train) for name in _item_names(item)}
+        entries = read_split_list(self.labelled_list)
+        unknown = [e for e in entries if e not in lookup]
+        if unknown:
+            example = train[0]
+            raise DataError(
+                f"labelled_list {self.labelled_list}: {len(unknown)} of {len(entries)} entries "
+                f"match no training item of {self.name} (first: {unknown[:3]}); entries must be "
+                f"ids like {example.key!r} or root-relative image paths like "
+                f"{example.relpath!r} (is the list for another dataset or split?)"
+            )
+        labelled = np.unique([lookup[e] for e in entries])
+        if not self.use_unlabelled:
+            return labelled, None
+        rest = np.setdiff1d(everything, labelled)
+        if rest.size == 0:
+            raise DataError(
+                f"labelled_list {self.labelled_list} lists every training item: nothing is "
+                "left for the unlabelled set"
+            )
+        return labelled, (train, rest)
+
+    def make_dataset(
+        self, data: Any, indices: np.ndarray, transform: A.Compose, with_masks: bool, rank: int
+    ) -> SegmentationDataset:
+        kwargs = {
+            "with_masks": with_masks,
+            "num_classes": self.num_classes,
+            "mask_fix": self.mask_fix,
+        }
+        if isinstance(data, ArrayItems):
+            return ArraySegmentationDataset(data, transform, indices, rank, **kwargs)
+        return FileSegmentationDataset(data, transform, indices, rank, **kwargs)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:  # datasets do not depend on the stage: build them once
+            return
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        train = self.load_split("train")
+        labelled, unlabelled = self.split_labelled(train)
+        labelled = seeded_subset(labelled, self.train_subset, self.split_seed, 1)
+        # Every dataset gets its own Compose: they must not share one RNG.
+        self.train = self.make_dataset(train, labelled, self.train_transform(), True, rank)
+        if unlabelled is not None:
+            data, indices = unlabelled
+            tf = self.train_transform()
+            self.train_unlabelled = self.make_dataset(data, indices, tf, False, rank)
+        for split, stream in (("val", 2), ("test", 3)):
+            data = self.load_split(split)
+            indices = seeded_subset(np.arange(len(data)), self.eval_subset, self.split_seed, stream)
+            dataset = self.make_dataset(data, indices, self.eval_transform(), True, rank)
+            setattr(self, split, dataset)
+        self.predict = self.test
+
+    # -- transforms ----------------------------------------------------------------------------
+
+    def _finish(self, spatial: list[A.BasicTransform]) -> A.Compose:
+        return A.Compose(
+            [
+                *spatial,
+                A.Normalize(mean=self.mean, std=self.std, max_pixel_value=255.0),
+                ToTensorV2(),
+            ]
+        )
+
+    def train_transform(self) -> A.Compose:
+        """Random scale, pad (image 0, mask ignore), random crop, flip; image and mask jointly."""
+        height, width = self.crop_size
+        low, high = self.scale_range
+        spatial: list[A.BasicTransform] = []
+        if self.augment and (low, high) != (1.0, 1.0):
+            spatial.append(
+                A.RandomScale(
+                    scale_limit=(low - 1.0, high - 1.0),  # albumentations adds 1
+                    interpolation=cv2.INTER_LINEAR,
+                    mask_interpolation=cv2.INTER_NEAREST,
+                    p=1.0,
+                )
+            )
+        spatial += [
+            # Pad at the bottom/right like mmseg and CIRKD. The image is padded with black before
+            # normalisation (as CIRKD/LAD; mmseg pads with 0 after it, i.e. the mean colour);
+            # the mask with ignore, so the loss never sees the padding.
+            A.PadIfNeeded(
+                height,
+                width,
+                position="top_left",
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+            ),
+            A.RandomCrop(height, width),
+        ]
+        if self.augment and self.flip:
+            spatial.append(A.HorizontalFlip(p=0.5))
+        return self._finish(spatial)
+
+    def eval_transform(self) -> A.Compose:
+        """No crop or flip; resize (image bilinear, mask nearest) only with ``eval_size``."""
+        if self.eval_size is None:
+            return self._finish([])
+        height, width = self.eval_size
+        resize = A.Resize(
+            height, width, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST
+        )
+        return self._finish([resize])
+
+    # -- loaders -------------------------------------------------------------------------------
+
+    def _require_setup(self, dataset: SegmentationDataset | None) -> SegmentationDataset:
+        if dataset is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
+        return dataset
+
+    def _loader(self, dataset: SegmentationDataset, batch_size: int, train: bool) -> DataLoader:
+        return ReseedingDataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+            collate_fn=collate,
+            # A last batch of one image breaks BatchNorm in pooled heads (DeepLabV3's ASPP).
+            drop_last=train,
+        )
+
+    def _train_loader(self, dataset: SegmentationDataset, fresh: bool) -> DataLoader:
+        if len(dataset) < self.batch_size:
+            raise DataError(
+                f"{self.name}: {len(dataset)} training items, fewer than batch_size="
+                f"{self.batch_size} (the last incomplete batch is dropped): lower batch_size"
+            )
+        if fresh:  # an independent augmentation stream over the same items
+            dataset = dataset.with_transform(self.train_transform())
+        return self._loader(dataset, self.batch_size, train=True)
+
+    def train_dataloader(self) -> DataLoader | CombinedLoader:
+        labelled = self._require_setup(self.train)
+        if self.train_unlabelled is None:
+            return self._train_loader(labelled, fresh=False)
+
+        def pair(fresh: bool) -> dict[str, DataLoader]:
+            return {
+                "labelled": self._train_loader(labelled, fresh),
+                "unlabelled": self._train_loader(self.train_unlabelled, fresh),
+            }
+
+        iterables: dict[str, Any] = pair(fresh=False)
+        if self.future_batches:
+            iterables["future"] = [pair(fresh=True) for _ in range(self.future_batches)]
+        return CombinedLoader(iterables, mode="max_size_cycle")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self._require_setup(self.val), self.eval_batch_size, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._require_setup(self.test), self.eval_batch_size, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self._require_setup(self.predict), self.eval_batch_size, train=False)
+
+
+def missing_split(root: Path, folder: str, pattern: str) -> DatasetNotFoundError:
+    """The error for a dataset root that exists but holds no images of one split."""
+    return DatasetNotFoundError(f"{root / folder}: no images matching {pattern}")
