@@ -6,10 +6,12 @@ run whose best checkpoint is its teacher), and the overrides of the ``--fast`` p
 arguments ``{best:RUN}`` stands for the best checkpoint of the earlier run ``RUN`` (e.g. several
 specialist teachers, or a fine-tuned teacher's initial weights). A run with ``command: test``
 evaluates without training (test-time adaptation: the model adapts during ``kdzoo test``); a
-suite's ``metric`` (``top1`` or ``mean_error``) is what its table and bar chart show, and runs that
-write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. ``fast`` may be a dict
-of presets per command, and a run's ``fast_args`` are added in ``--fast`` mode. Adding a
-method to a suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
+suite's ``metric`` (``top1``, ``mean_error`` or ``miou``) is what its table and bar chart show,
+and runs that write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. ``fast``
+may be a dict of presets per command, and a run's ``fast_args`` are added in ``--fast`` mode. A
+run's ``also_report: {NAME: LOGGED_KEY}`` adds a row ``NAME`` holding another metric the run
+logged (e.g. a label-assisted teacher's mIoU without its label input). Adding a method to a
+suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
 :class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
 one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
 """
@@ -114,6 +116,9 @@ def run_suite(
                 streams[run["name"]] = stream
         rows.append(_row(run, cli, metrics, seed, start))
         append_row(out / f"{table}.csv", rows[-1])
+        for extra in _also_reported(run, rows[-1], metrics, metric):
+            rows.append(extra)
+            append_row(out / f"{table}.csv", extra)
     all_rows = read_rows(out / f"{table}.csv")
     title = f"kdzoo bench {name}{' --fast' if fast else ''}"
     markdown = render_table(all_rows, title=title, reference=suite.get("reference"), metric=metric)
@@ -158,14 +163,16 @@ def _row(
     config = cli.config.get(cli.subcommand, {})
     top1 = metrics.get("test/top1")
     mean_error = metrics.get("test/mean_error")
+    miou = metrics.get("test/miou")
     return {
         "run": run["name"],
         "method": type(cli.model).__name__,
-        "student": hparams.get("student", "") or source.get("name", ""),
+        "student": _with_head(hparams.get("student", "") or source.get("name", ""), hparams),
         "teacher": _teacher_names(hparams),
         "dataset": type(cli.datamodule).__name__,
         "top1": "" if top1 is None else round(100.0 * float(top1), 4),
         "mean_error": "" if mean_error is None else round(float(mean_error), 4),
+        "miou": "" if miou is None else round(100.0 * float(miou), 4),
         "paper_top1": _or_empty(run.get("paper_top1", config.get("paper_top1"))),
         "seed": seed,
         "epochs": cli.trainer.current_epoch,
@@ -174,6 +181,26 @@ def _row(
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+
+
+def _also_reported(
+    run: dict[str, Any], row: dict[str, Any], metrics: dict[str, float], metric: str
+) -> list[dict[str, Any]]:
+    """Extra rows for further metrics the run logged, ``also_report: {ROW_NAME: LOGGED_KEY}``
+    (e.g. a label-assisted teacher's ``test/miou_no_label``), in the suite's metric column."""
+    extra = []
+    for name, key in (run.get("also_report") or {}).items():
+        if key not in metrics:
+            raise SystemExit(f"error: run {run['name']!r} did not log {key!r} (also_report)")
+        value = float(metrics[key])
+        extra.append(
+            {
+                **row,
+                "run": name,
+                metric: round(100.0 * value if metric != "mean_error" else value, 4),
+            }
+        )
+    return extra
 
 
 def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
@@ -186,9 +213,21 @@ def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
 
 
 def _teacher_names(hparams: Any) -> str:
-    """The teacher's architecture, or the specialists' joined by " + " (KnowledgeConcentration)."""
+    """The teacher's architecture, or the specialists' joined by " + " (KnowledgeConcentration);
+    a segmentation teacher as ``backbone/head`` (with ``+label`` for a label-assisted one)."""
     teachers = hparams.get("specialists") or [hparams.get("teacher") or {}]
-    return " + ".join(teacher.get("name", "") for teacher in teachers)
+    names = []
+    for teacher in teachers:
+        architecture = teacher.get("architecture") or {}
+        name = teacher.get("name") or _with_head(architecture.get("backbone", ""), architecture)
+        names.append(name + ("+label" if architecture.get("extra_in_chans") else ""))
+    return " + ".join(names)
+
+
+def _with_head(name: str, hparams: Any) -> str:
+    """``backbone/head`` for segmentation networks, the plain name otherwise."""
+    head = hparams.get("head")
+    return f"{name}/{head}" if name and head else name
 
 
 def _or_empty(value: Any) -> Any:

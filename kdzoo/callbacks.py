@@ -20,6 +20,8 @@ class PredictionWriter(BasePredictionWriter):
     One row per image of the predict split, in loader order: its index, the predicted class and
     the class probabilities. Under DDP every rank writes ``predictions.rank<R>.csv`` with the
     dataset indices it saw. An existing file is never overwritten: a numbered name is used.
+    Segmentation methods (predictions without ``probs``) write one PNG of class ids per image,
+    ``predictions/<index>.png`` (a new ``predictions.<n>/`` folder when it exists).
 
     Args:
         output_dir: where to write (default: the trainer's log directory).
@@ -42,10 +44,13 @@ class PredictionWriter(BasePredictionWriter):
             "predictions" if trainer.world_size == 1 else f"predictions.rank{trainer.global_rank}"
         )
         path, n = directory / f"{stem}.csv", 0
-        while path.exists():
+        while path.exists() or path.with_suffix("").exists():
             n += 1
             path = directory / f"{stem}.{n}.csv"
         indices = [i for batch in (batch_indices[0] if batch_indices else []) for i in batch]
+        if predictions and "probs" not in predictions[0]:
+            _write_masks(path.with_suffix(""), predictions, indices)
+            return
         probs = torch.cat([p["probs"] for p in predictions]) if predictions else torch.empty(0, 0)
         if len(indices) != len(probs):  # loaders without a sampler that reports indices
             indices = list(range(len(probs)))
@@ -56,3 +61,19 @@ class PredictionWriter(BasePredictionWriter):
             for index, label, row in zip(indices, predicted, probs.tolist(), strict=True):
                 writer.writerow([index, label, *[f"{p:.6g}" for p in row]])
         print(f"kdzoo predict: wrote {len(probs)} predictions to {path}")
+
+
+def _write_masks(directory: Path, predictions: Sequence[Any], indices: list[int]) -> None:
+    """One uint8 PNG of predicted class ids per image (the mmseg convention)."""
+    import numpy as np
+    from PIL import Image
+
+    masks = [m for p in predictions for m in p["prediction"]]
+    if len(indices) != len(masks):
+        indices = list(range(len(masks)))
+    directory.mkdir(parents=True)
+    for index, mask in zip(indices, masks, strict=True):
+        Image.fromarray(mask.to(torch.uint8).cpu().numpy().astype(np.uint8)).save(
+            directory / f"{index}.png"
+        )
+    print(f"kdzoo predict: wrote {len(masks)} masks to {directory}/")

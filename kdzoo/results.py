@@ -30,6 +30,7 @@ RESULT_FIELDS = (
     "dataset",
     "top1",
     "mean_error",
+    "miou",
     "paper_top1",
     "seed",
     "epochs",
@@ -45,19 +46,23 @@ def append_row(path: str | Path, row: Mapping[str, Any]) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    fields = list(RESULT_FIELDS)
     if not new:
         with path.open(newline="") as f:
-            header = next(csv.reader(f), [])
-        if tuple(header) != RESULT_FIELDS:
+            fields = next(csv.reader(f), [])
+        # A file written by an older kdzoo (fewer columns) still takes rows that leave the
+        # newer columns empty.
+        missing = [k for k in RESULT_FIELDS if k not in fields and row.get(k, "") != ""]
+        if not set(fields) <= set(RESULT_FIELDS) or missing:
             raise ValueError(
-                f"{path} has columns {header}, expected {list(RESULT_FIELDS)}: move it away or "
+                f"{path} has columns {fields}, expected {list(RESULT_FIELDS)}: move it away or "
                 "write to another --out directory (kdzoo never rewrites a results file)"
             )
     with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RESULT_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         if new:
             writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in RESULT_FIELDS})
+        writer.writerow({k: row.get(k, "") for k in fields})
 
 
 def read_rows(path: str | Path) -> list[dict[str, str]]:
@@ -97,7 +102,9 @@ def summarise(rows: Sequence[Mapping[str, str]], metric: str = "top1") -> list[d
     return summary
 
 
-METRIC_HEADERS = {"top1": "top-1 (%)", "mean_error": "mean error (%)"}
+METRIC_HEADERS = {"top1": "top-1 (%)", "mean_error": "mean error (%)", "miou": "mIoU (%)"}
+# Metrics where lower is better (the bar chart's axis starts at 0 for them).
+LOWER_IS_BETTER = ("mean_error",)
 
 
 def render_table(
@@ -116,7 +123,7 @@ def render_table(
     columns = [
         ("run", "run"),
         ("method", "method"),
-        ("student", "student" if metric == "top1" else "model"),
+        ("student", "model" if metric == "mean_error" else "student"),
         ("teacher", "teacher"),
         ("dataset", "dataset"),
         (metric, METRIC_HEADERS.get(metric, metric)),
@@ -154,7 +161,7 @@ def plot_bars(
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
     bars = ax.bar(names, values, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
-    if metric == "top1":
+    if metric not in LOWER_IS_BETTER:
         low = min(values) if values else 0.0
         ax.set_ylim(max(0.0, low - 10.0), 100.0)
     else:
@@ -170,7 +177,7 @@ def plot_bars(
 def _format(key: str, value: str) -> str:
     if value in ("", None):
         return "-"
-    if key in ("top1", "paper_top1", "top1_sd", "mean_error", "mean_error_sd"):
+    if key.removesuffix("_sd") in ("top1", "paper_top1", "mean_error", "miou"):
         return f"{float(value):.2f}"
     if key == "wall_clock_s":
         return f"{float(value):.0f}"

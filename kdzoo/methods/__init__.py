@@ -1,5 +1,6 @@
 """One LightningModule per method; ``--model NAME`` picks one of these (classification
-distillation methods, and the test-time adaptation methods of :mod:`kdzoo.methods.tta`)."""
+distillation methods, the test-time adaptation methods of :mod:`kdzoo.methods.tta` and the
+segmentation methods of :mod:`kdzoo.methods.segmentation`)."""
 
 from kdzoo.methods.base import ClassificationModule, DistillationModule
 from kdzoo.methods.dist import DIST
@@ -9,6 +10,7 @@ from kdzoo.methods.kd import KD
 from kdzoo.methods.mcmi import MCMITeacher
 from kdzoo.methods.nd import ND
 from kdzoo.methods.pld import PLD
+from kdzoo.methods.segmentation import FST, LADTeacher, SegKD, SegSupervised
 from kdzoo.methods.supervised import Supervised
 from kdzoo.methods.tgeo import TGeoKD
 from kdzoo.methods.tta import PSMT, RMT, BNAdapt, CoTTA, MeanTeacher, Source, Tent, TTAModule
@@ -16,6 +18,7 @@ from kdzoo.methods.tta import PSMT, RMT, BNAdapt, CoTTA, MeanTeacher, Source, Te
 __all__ = [
     "DIST",
     "DKD",
+    "FST",
     "KD",
     "ND",
     "PLD",
@@ -26,8 +29,11 @@ __all__ = [
     "CoTTA",
     "DistillationModule",
     "KnowledgeConcentration",
+    "LADTeacher",
     "MCMITeacher",
     "MeanTeacher",
+    "SegKD",
+    "SegSupervised",
     "Source",
     "Supervised",
     "TGeoKD",

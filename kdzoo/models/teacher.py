@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdzoo.models.backbone import Backbone, BackboneOutput
+from kdzoo.models.backbone import Backbone
 from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
 
 __all__ = ["Teacher", "TeacherSpec", "build_teacher", "load_weights", "resolve_weights"]
@@ -55,7 +55,10 @@ class TeacherSpec:
 
 
 class Teacher(nn.Module):
-    """A frozen backbone that stays in eval mode and runs without autograd.
+    """A frozen network that stays in eval mode and runs without autograd.
+
+    ``backbone`` is a :class:`~kdzoo.models.backbone.Backbone` for classification methods, or a
+    :class:`~kdzoo.models.segmentation.SegmentationModel` for segmentation ones.
 
     ``forward`` takes the batch normalised for the student and maps it to the teacher's
     normalisation with one affine op: ``x_t = x * (std_s / std_t) + (mean_s - mean_t) / std_t``.
@@ -63,7 +66,7 @@ class Teacher(nn.Module):
 
     def __init__(
         self,
-        backbone: Backbone,
+        backbone: nn.Module,
         student_mean: Sequence[float] | None = None,
         student_std: Sequence[float] | None = None,
         teacher_mean: Sequence[float] | None = None,
@@ -91,11 +94,14 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(
-        self, x: torch.Tensor, indices: int | Sequence[int] | None = None
-    ) -> BackboneOutput:
+    def forward(self, x: torch.Tensor, indices: int | Sequence[int] | None = None) -> Any:
         if self.renormalise:
-            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+            # Only the image channels; extra input channels (LAD's label channel) follow them.
+            k = self.scale.shape[1]
+            image = x[:, :k] * self.scale.to(x.dtype) + self.shift.to(x.dtype)
+            x = torch.cat([image, x[:, k:]], dim=1) if x.shape[1] > k else image
+        if indices is None:  # also the call of networks without intermediate maps (segmentation)
+            return self.backbone(x)
         return self.backbone(x, indices=indices)
 
 

@@ -21,7 +21,8 @@ from kdzoo.errors import KDZooError
 __all__ = ["WeightsError", "load_backbone_state", "safe_torch_load"]
 
 # Prefixes under which kdzoo modules keep their student network; stripped in this order.
-_STUDENT_PREFIXES = ("student.model.", "model.", "module.")
+# "student." last: a segmentation method's student is a SegmentationModel, not a Backbone.
+_STUDENT_PREFIXES = ("student.model.", "model.", "module.", "student.")
 
 
 class WeightsError(KDZooError, RuntimeError):

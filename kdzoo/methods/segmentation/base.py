@@ -1,0 +1,340 @@
+"""The contract every kdzoo segmentation method builds on.
+
+:class:`SegmentationModule` owns the student (a
+:class:`~kdzoo.models.segmentation.SegmentationModel`: a timm ``features_only`` backbone with an
+FCN / DeepLabV3 / PSP / FPN head and an auxiliary FCN head), the injected optimiser and scheduler
+(with a learning-rate multiplier for the heads, as both CIRKD/LAD and FST use), the weighted sum
+and logging of named loss terms, and the evaluation: mean IoU and pixel accuracy over a confusion
+matrix (torchmetrics, synchronised across DDP ranks), ignore index 255, logits upsampled
+bilinearly to the label size. Batches are ``(images, masks)``; semi-supervised and
+domain-adaptation methods get ``{"labelled": ..., "unlabelled": ...}``.
+
+:class:`SegTeacherSpec` and :func:`build_seg_teacher` give the frozen segmentation teacher of
+:class:`~kdzoo.methods.segmentation.segkd.SegKD`, its architecture read from the checkpoint of
+the kdzoo run that trained it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torchmetrics import MetricCollection
+
+from kdzoo.errors import ConfigError
+from kdzoo.metrics import MeanIoU, PixelAccuracy
+from kdzoo.models.segmentation import SegmentationModel, SegmentationOutput
+from kdzoo.models.teacher import Teacher, resolve_weights
+from kdzoo.models.weights import WeightsError, load_backbone_state
+
+__all__ = [
+    "SegTeacherSpec",
+    "SegmentationModule",
+    "build_seg_teacher",
+    "segmentation_architecture",
+    "upsample",
+]
+
+IGNORE_INDEX = 255
+
+
+def upsample(logits: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """Bilinear resize of ``(N, C, h, w)`` logits to ``size`` (mmseg's ``align_corners=False``;
+    CIRKD/LAD use ``True``, which shifts the map by half a feature pixel)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def segmentation_loss(
+    output: SegmentationOutput, masks: torch.Tensor, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Cross-entropy of the main and (if any) auxiliary logits, upsampled to the masks."""
+    size = masks.shape[-2:]
+    ce = F.cross_entropy(upsample(output.logits, size).float(), masks, ignore_index=ignore_index)
+    if output.aux is None:
+        return ce, None
+    aux = F.cross_entropy(upsample(output.aux, size).float(), masks, ignore_index=ignore_index)
+    return ce, aux
+
+
+def segmentation_architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The :class:`SegmentationModel` arguments recorded in a segmentation run's
+    hyper-parameters (its student; for a :class:`~kdzoo.methods.segmentation.lad.LADTeacher`
+    run, the label-assisted teacher)."""
+    return {
+        "backbone": hparams["student"],
+        "num_classes": hparams["num_classes"],
+        "head": hparams.get("head", "deeplabv3"),
+        "in_chans": hparams.get("in_chans", 3),
+        "extra_in_chans": hparams.get("extra_in_chans", 0),
+        "output_stride": hparams.get("output_stride", 8),
+        "aux_head": hparams.get("aux_head", True),
+        "head_channels": hparams.get("head_channels"),
+        "dropout": hparams.get("dropout", 0.1),
+        "backbone_kwargs": hparams.get("student_kwargs"),
+    }
+
+
+class SegmentationModule(L.LightningModule, ABC):
+    """A segmentation student trained from named, weighted loss terms; evaluated by mIoU.
+
+    Subclasses implement :meth:`loss_terms` and set :attr:`loss_weights`. ``num_classes``,
+    ``in_chans``, ``mean`` and ``std`` are linked from the datamodule by the CLI.
+
+    Args:
+        student: timm backbone of the trained network (any name with ``features_only``).
+        num_classes: classes of the masks (linked from ``data.num_classes``).
+        head: ``"fcn"``, ``"deeplabv3"`` (ASPP), ``"psp"`` or ``"fpn"``.
+        in_chans: image channels (linked from ``data.in_chans``).
+        mean: input normalisation mean (linked from ``data.mean``).
+        std: input normalisation std (linked from ``data.std``).
+        output_stride: backbone output stride (8 or 16 with dilation; ``None``: the backbone's).
+        aux_head: add the auxiliary FCN head on the second-to-last stage.
+        aux_weight: weight of the auxiliary cross-entropy (0.4 in CIRKD, LAD's teacher, U2PL).
+        head_channels: width of the heads (``None``: the model's default).
+        dropout: dropout before the heads' classifiers.
+        extra_in_chans: input channels after the image ones (LAD's label channel); the first
+            convolution is widened with only the new slice initialised.
+        student_pretrained: start the backbone from timm's pretrained weights (needs a network).
+        student_kwargs: extra ``timm.create_model`` arguments for the backbone.
+        init_weights: start the whole student (backbone and heads) from this checkpoint of a
+            kdzoo segmentation run with the same architecture (e.g. self-training from a
+            supervised model, where the papers start from ImageNet weights).
+        head_lr_mult: learning-rate multiplier of the head parameters (10 in CIRKD and FST).
+        ignore_index: mask value left out of losses and metrics.
+        optimizer: optimiser factory, e.g. ``torch.optim.SGD`` with its init args in YAML.
+        scheduler: optional learning-rate scheduler factory (e.g. ``PolynomialLR``, power 0.9).
+        scheduler_interval: ``"step"`` (per iteration, segmentation's poly schedule) or
+            ``"epoch"``.
+    """
+
+    def __init__(
+        self,
+        student: str,
+        num_classes: int,
+        head: str = "deeplabv3",
+        in_chans: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+        output_stride: int | None = 8,
+        aux_head: bool = True,
+        aux_weight: float = 0.4,
+        head_channels: int | None = None,
+        dropout: float = 0.1,
+        extra_in_chans: int = 0,
+        student_pretrained: bool = False,
+        student_kwargs: dict[str, Any] | None = None,
+        init_weights: str | None = None,
+        head_lr_mult: float = 1.0,
+        ignore_index: int = IGNORE_INDEX,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
+        scheduler_interval: Literal["step", "epoch"] = "step",
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if scheduler_interval not in ("step", "epoch"):
+            raise ConfigError(
+                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
+            )
+        if head_lr_mult <= 0:
+            raise ConfigError(f"head_lr_mult must be > 0, got {head_lr_mult}")
+        self.mean = tuple(mean) if mean is not None else None
+        self.std = tuple(std) if std is not None else None
+        self.ignore_index = ignore_index
+        architecture = segmentation_architecture(self.hparams)
+        self.student = SegmentationModel(**architecture, pretrained=student_pretrained)
+        if init_weights is not None:
+            path, _ = resolve_weights(init_weights)
+            _load_segmentation_weights(self.student, path, architecture, role="init_weights")
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_weights: dict[str, float] = {}
+        metrics = MetricCollection(
+            {
+                "miou": MeanIoU(num_classes, ignore_index=ignore_index),
+                "pixel_acc": PixelAccuracy(num_classes, ignore_index=ignore_index),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # ---- what a method provides -------------------------------------------------------------
+    @abstractmethod
+    def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Unweighted scalar loss terms for one training batch, keyed by name."""
+
+    def supervised_terms(self, images: torch.Tensor, masks: torch.Tensor) -> dict[str, Any]:
+        """``ce`` (and ``aux``) of the student on a labelled batch, plus its ``output``."""
+        output = self.student(images)
+        ce, aux = segmentation_loss(output, masks, self.ignore_index)
+        terms = {"ce": ce} if aux is None else {"ce": ce, "aux": aux}
+        return {"terms": terms, "output": output}
+
+    # ---- training: weighted sum and logging, written once ------------------------------------
+    def weighted_loss(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """``sum(weight * term)``, every term logged under ``train/loss_<name>``."""
+        unknown = set(terms) - set(self.loss_weights)
+        if unknown:
+            raise KeyError(f"{type(self).__name__} returned loss terms without a weight: {unknown}")
+        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.weighted_loss(self.loss_terms(batch), batch_size=_batch_size(batch))
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-pixel class logits at the input's size (what a deployed model returns)."""
+        return upsample(self.eval_model()(x).logits, x.shape[-2:])
+
+    def eval_model(self) -> SegmentationModel:
+        """The network evaluated and deployed (the student; FST may evaluate its teacher)."""
+        return self.student
+
+    def eval_logits(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Logits evaluated against ``masks`` (methods with privileged inputs override)."""
+        return self.eval_model()(images).logits
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        images = batch[0] if isinstance(batch, Sequence) else batch
+        return {"prediction": self(images).argmax(dim=1)}
+
+    def _evaluate(self, batch: Any, metrics: MetricCollection, stage: str) -> None:
+        images, masks = batch[0], batch[1]
+        logits = upsample(self.eval_logits(images, masks), masks.shape[-2:])
+        loss = F.cross_entropy(logits.float(), masks, ignore_index=self.ignore_index)
+        metrics.update(logits, masks)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(masks))
+        self.log_dict(metrics, prog_bar=True)
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Backbone and heads as two groups; the heads' lr is ``head_lr_mult`` times larger
+        (the optimiser's ``lr`` is read back from a probe instance)."""
+        backbone = [p for p in self.student.backbone_parameters() if p.requires_grad]
+        heads = [p for p in self.student.head_parameters() if p.requires_grad]
+        mult = self.hparams.head_lr_mult
+        if mult == 1.0:
+            return [{"params": backbone + heads}]
+        base_lr = self.optimizer([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"]
+        return [{"params": backbone}, {"params": heads, "lr": base_lr * mult}]
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer(self.parameter_groups())
+        if self.scheduler is None:
+            return optimizer
+        interval = self.hparams.scheduler_interval
+        scheduler = {"scheduler": self.scheduler(optimizer), "interval": interval}
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+@dataclass
+class SegTeacherSpec:
+    """Where a segmentation teacher comes from.
+
+    Attributes:
+        weights: the ``.ckpt`` of the kdzoo run that trained it (``SegSupervised``,
+            ``LADTeacher``, ...): its architecture, label encoding and normalisation are read from
+            the checkpoint's hyper-parameters. A ``.safetensors`` or ``torch.save``-d state dict
+            also works when ``architecture`` is given.
+        architecture: :class:`~kdzoo.models.segmentation.SegmentationModel` arguments
+            (``backbone``, ``head``, ``output_stride``, ``extra_in_chans``, ...) overriding those
+            read from the checkpoint; required for plain weight files.
+        mean: input mean the teacher expects (``None``: from the checkpoint, else the student's).
+        std: as ``mean``.
+    """
+
+    weights: str | None = None
+    architecture: dict[str, Any] | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+
+
+def build_seg_teacher(
+    spec: SegTeacherSpec | Mapping[str, Any],
+    *,
+    num_classes: int,
+    in_chans: int,
+    student_mean: Sequence[float] | None,
+    student_std: Sequence[float] | None,
+) -> tuple[Teacher, dict[str, Any], dict[str, Any]]:
+    """The frozen teacher ``spec`` describes, the hyper-parameters recorded with it and its
+    resolved :class:`SegmentationModel` arguments."""
+    if isinstance(spec, Mapping):
+        spec = SegTeacherSpec(**spec)
+    recorded: dict[str, Any] = {}
+    path = None
+    if spec.weights is not None:
+        path, recorded = resolve_weights(spec.weights)
+    if "student" not in recorded and not (spec.architecture or {}).get("backbone"):
+        raise ConfigError(
+            f"teacher.weights={spec.weights!r} does not record a segmentation architecture: pass "
+            "the .ckpt of the kdzoo run that trained the teacher, or set teacher.architecture "
+            "(backbone, head, output_stride, ...)"
+        )
+    architecture = segmentation_architecture(recorded) if "student" in recorded else {}
+    architecture.update(spec.architecture or {})
+    architecture.setdefault("num_classes", num_classes)
+    architecture.setdefault("in_chans", in_chans)
+    if architecture["num_classes"] != num_classes:
+        raise ConfigError(
+            f"the teacher predicts {architecture['num_classes']} classes but the data has "
+            f"{num_classes}: teacher and student must segment the same classes"
+        )
+    network = SegmentationModel(**architecture)
+    if path is not None:
+        _load_segmentation_weights(network, path, architecture)
+    teacher = Teacher(
+        network,
+        student_mean=student_mean,
+        student_std=student_std,
+        teacher_mean=spec.mean or recorded.get("mean") or student_mean,
+        teacher_std=spec.std or recorded.get("std") or student_std,
+    )
+    return teacher, recorded, architecture
+
+
+def _load_segmentation_weights(
+    network: SegmentationModel, path: str, architecture: Mapping[str, Any], role: str = "teacher"
+) -> None:
+    state = load_backbone_state(path)
+    expected = network.state_dict()
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in state.items()
+        if k in expected and v.shape != expected[k].shape
+    ]
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if mismatched or missing or unexpected:
+        raise WeightsError(
+            f"{role} {path} does not fit the segmentation network "
+            f"({architecture['backbone']} + {architecture['head']}): mismatched {mismatched[:3]}, "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
+            f"(e.g. {unexpected[:3]}). Was it trained with this architecture?"
+        )
+    network.load_state_dict(state)
+
+
+def _batch_size(batch: Any) -> int | None:
+    if isinstance(batch, Mapping):
+        batch = batch.get("labelled", next(iter(batch.values())))
+    first = batch[0] if isinstance(batch, Sequence) else batch
+    return len(first) if torch.is_tensor(first) else None
