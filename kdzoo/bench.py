@@ -174,6 +174,7 @@ def _row(
         "mean_error": "" if mean_error is None else round(float(mean_error), 4),
         "miou": "" if miou is None else round(100.0 * float(miou), 4),
         "paper_top1": _or_empty(run.get("paper_top1", config.get("paper_top1"))),
+        "paper_miou": _or_empty(run.get("paper_miou", config.get("paper_miou"))),
         "seed": seed,
         "epochs": cli.trainer.current_epoch,
         "wall_clock_s": round(time.perf_counter() - start, 1),

@@ -97,6 +97,13 @@ class KDCLI(LightningCLI):
             help="the top-1 accuracy (%%) the method's paper reports for this config; "
             "kdzoo bench prints it beside the measured one",
         )
+        parser.add_argument(
+            "--paper_miou",
+            type=float | None,
+            default=None,
+            help="the mIoU (%%) the method's paper or official code reports for this "
+            "segmentation config; kdzoo bench prints it beside the measured one",
+        )
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults(

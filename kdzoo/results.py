@@ -32,6 +32,7 @@ RESULT_FIELDS = (
     "mean_error",
     "miou",
     "paper_top1",
+    "paper_miou",
     "seed",
     "epochs",
     "wall_clock_s",
@@ -130,6 +131,7 @@ def render_table(
         (f"{metric}_sd", "sd"),
         *([("delta", f"vs {reference}")] if reference_value is not None else []),
         *([("paper_top1", "paper top-1 (%)")] if metric == "top1" else []),
+        *([("paper_miou", "paper mIoU (%)")] if metric == "miou" else []),
         ("epochs", "epochs"),
         ("seeds", "seeds"),
         ("wall_clock_s", "time (s)"),
@@ -168,6 +170,8 @@ def plot_bars(
         ax.set_ylim(0.0, min(100.0, max(values, default=0.0) + 10.0))
     ax.set_ylabel(METRIC_HEADERS.get(metric, metric))
     ax.set_title(title)
+    if any(len(name) > 12 for name in names):  # long run names would overlap
+        plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -177,7 +181,7 @@ def plot_bars(
 def _format(key: str, value: str) -> str:
     if value in ("", None):
         return "-"
-    if key.removesuffix("_sd") in ("top1", "paper_top1", "mean_error", "miou"):
+    if key.removesuffix("_sd") in ("top1", "paper_top1", "mean_error", "miou", "paper_miou"):
         return f"{float(value):.2f}"
     if key == "wall_clock_s":
         return f"{float(value):.0f}"

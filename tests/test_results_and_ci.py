@@ -133,3 +133,40 @@ def test_mean_error_table_and_stream_plot(tmp_path):
     stream.write_text("batch,domain,name,images,errors\n0,0,fog-5,10,3\n1,1,snow-5,10,5\n")
     plot_stream({"tent": stream, "source": stream}, tmp_path / "stream.png", title="t")
     assert (tmp_path / "stream.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_miou_table_with_paper_column(tmp_path):
+    path = tmp_path / "seg.csv"
+    for run, miou in [("baseline", 30.0), ("segkd", 32.5)]:
+        append_row(path, {**row(run, ""), "miou": miou, "paper_miou": 75.0, "student": "r/fcn"})
+    table = render_table(read_rows(path), reference="baseline", metric="miou")
+    assert "mIoU (%)" in table and "paper mIoU (%)" in table and "top-1" not in table
+    assert "| segkd | KD | r/fcn | t | D | 32.50 | - | +2.50 | 75.00 |" in table
+    plot_bars(read_rows(path), tmp_path / "seg.png", metric="miou")
+    assert (tmp_path / "seg.png").stat().st_size > 0
+
+
+def test_rows_append_to_a_file_of_an_older_kdzoo(tmp_path):
+    """A results file written before a column was added takes new rows that leave the new
+    columns empty; a row that needs a missing column is refused, the file untouched."""
+    path = tmp_path / "old.csv"
+    old_fields = [f for f in RESULT_FIELDS if f not in ("miou", "paper_miou")]
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerow(old_fields)
+    append_row(path, row("kd", 80.0))
+    assert read_rows(path)[0]["top1"] == "80.0"
+    before = path.read_text()
+    with pytest.raises(ValueError, match="move it away"):
+        append_row(path, {**row("seg", ""), "miou": 30.0})
+    assert path.read_text() == before
+
+
+def test_also_report_adds_rows_for_further_logged_metrics():
+    from kdzoo.bench import _also_reported
+
+    run = {"name": "lad_teacher", "also_report": {"lad_no_label": "test/miou_no_label"}}
+    base = {"run": "lad_teacher", "miou": 40.0, "seed": 0}
+    (extra,) = _also_reported(run, base, {"test/miou_no_label": 0.25}, "miou")
+    assert extra == {"run": "lad_no_label", "miou": 25.0, "seed": 0}
+    with pytest.raises(SystemExit, match="did not log"):
+        _also_reported(run, base, {}, "miou")

@@ -206,6 +206,23 @@ class SegmentationModule(L.LightningModule, ABC):
         """Logits evaluated against ``masks`` (methods with privileged inputs override)."""
         return self.eval_model()(images).logits
 
+    def on_validation_epoch_start(self) -> None:
+        self._share_rank_zero_buffers()
+
+    def on_test_epoch_start(self) -> None:
+        self._share_rank_zero_buffers()
+
+    def _share_rank_zero_buffers(self) -> None:
+        """Every process evaluates with rank 0's BatchNorm statistics, the ones checkpointed.
+
+        DDP broadcasts buffers at the forward after a backward only; FST's several backward
+        passes per step leave each process with statistics of its own data, so a synced metric
+        would mix several models.
+        """
+        if self.trainer.world_size > 1 and torch.distributed.is_initialized():
+            for buffer in self.eval_model().buffers():
+                torch.distributed.broadcast(buffer, src=0)
+
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 

@@ -199,9 +199,11 @@ class LADTeacher(SegmentationModule):
         return self.student(x).logits
 
     def on_validation_epoch_start(self) -> None:
+        super().on_validation_epoch_start()
         self._eval_calls = 0  # the same encodings at every evaluation
 
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._eval_calls = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
