@@ -426,6 +426,17 @@ def test_knowledge_concentration_is_refused(tmp_path) -> None:
     assert not out.exists()
 
 
+def test_segmentation_checkpoint_is_refused(tmp_path) -> None:
+    from kdzoo.methods import SegSupervised
+
+    module = SegSupervised(student="test_resnet", num_classes=4, head="fcn")
+    path = tmp_path / "seg.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    with pytest.raises(ExportError, match="segmentation checkpoint"):
+        export_checkpoint(path, "test_resnet.seg", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_not_a_kdzoo_checkpoint_is_refused(tmp_path) -> None:
     path = tmp_path / "weights.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, path)

@@ -126,6 +126,12 @@ def export_checkpoint(
         for key, value in checkpoint["state_dict"].items()
         if key.startswith(_STUDENT_PREFIX)
     }
+    if not state and any(k.startswith("student.backbone.") for k in checkpoint["state_dict"]):
+        raise ExportError(
+            f"{ckpt_path} is a segmentation checkpoint: kdzoo hub exports classification "
+            "students, which are plain timm models; a segmentation student (timm backbone + "
+            "head) is used from its .ckpt (SegTeacherSpec weights, kdzoo test/predict)"
+        )
     if not state:
         raise ExportError(f"{ckpt_path} holds no student weights (no '{_STUDENT_PREFIX}*' keys)")
     model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **model_args)
