@@ -18,6 +18,13 @@ from kdzoo.datamodules.corruption_stream import CorruptionStream
 from kdzoo.datamodules.digits import Digits
 from kdzoo.datamodules.fashion_mnist import FashionMNIST
 from kdzoo.datamodules.image_folder import ImageFolder
+from kdzoo.datamodules.paired import (
+    AVMNIST,
+    FashionMNISTPairs,
+    FeaturePairs,
+    NYUDepthV2,
+    PairedModalityDataModule,
+)
 from kdzoo.datamodules.segmentation import (
     ADE20K,
     GTA5,
@@ -30,6 +37,7 @@ from kdzoo.datamodules.segmentation import (
 
 __all__ = [
     "ADE20K",
+    "AVMNIST",
     "CIFAR10",
     "CIFAR100",
     "GTA5",
@@ -41,8 +49,12 @@ __all__ = [
     "DomainAdaptation",
     "FashionMNIST",
     "FashionMNISTMosaics",
+    "FashionMNISTPairs",
+    "FeaturePairs",
     "ImageClassificationDataModule",
     "ImageFolder",
+    "NYUDepthV2",
+    "PairedModalityDataModule",
     "PascalVOC",
     "SegmentationDataModule",
     "resolve_root",

@@ -3,6 +3,8 @@ distillation methods, the test-time adaptation methods of :mod:`kdzoo.methods.tt
 segmentation methods of :mod:`kdzoo.methods.segmentation`)."""
 
 from kdzoo.methods.base import ClassificationModule, DistillationModule
+from kdzoo.methods.crossmodal import CrossModalKD, MSTDistill, PairedSupervised
+from kdzoo.methods.dho import DualHeadDistillation
 from kdzoo.methods.dist import DIST
 from kdzoo.methods.dkd import DKD
 from kdzoo.methods.kc import KnowledgeConcentration
@@ -27,11 +29,15 @@ __all__ = [
     "BNAdapt",
     "ClassificationModule",
     "CoTTA",
+    "CrossModalKD",
     "DistillationModule",
+    "DualHeadDistillation",
     "KnowledgeConcentration",
     "LADTeacher",
     "MCMITeacher",
+    "MSTDistill",
     "MeanTeacher",
+    "PairedSupervised",
     "SegKD",
     "SegSupervised",
     "Source",

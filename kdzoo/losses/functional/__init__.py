@@ -7,6 +7,12 @@ from kdzoo.losses.functional.dkd import dkd_loss
 from kdzoo.losses.functional.entropy import soft_cross_entropy, softmax_entropy
 from kdzoo.losses.functional.kc import concentration_loss, concentration_targets
 from kdzoo.losses.functional.kd import kd_loss
+from kdzoo.losses.functional.mst import (
+    mst_cotraining_losses,
+    mst_load_balancing_loss,
+    mst_mask_loss,
+    mst_routed_kd_loss,
+)
 from kdzoo.losses.functional.nd import nd_loss
 from kdzoo.losses.functional.pld import pld_loss
 from kdzoo.losses.functional.sce import symmetric_cross_entropy
@@ -21,6 +27,10 @@ __all__ = [
     "dist_loss",
     "dkd_loss",
     "kd_loss",
+    "mst_cotraining_losses",
+    "mst_load_balancing_loss",
+    "mst_mask_loss",
+    "mst_routed_kd_loss",
     "nd_loss",
     "pixel_kd_loss",
     "pld_loss",

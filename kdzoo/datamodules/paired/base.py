@@ -1,0 +1,399 @@
+"""Shared machinery for kdzoo's paired-modality DataModules (cross-modal distillation data).
+
+Cross-modal distillation trains on samples with two modalities and a label; the student sees one
+of them at test time (Li et al., "MST-Distill: Mixture of Specialized Teachers for Cross-Modal
+Knowledge Distillation", ACM MM 2025, arXiv:2507.07015; official code
+https://github.com/Gray-OREO/MST-Distill, whose data handling these modules follow where noted).
+Every paired DataModule follows one contract, so the cross-modal methods can be written against it:
+
+- batches are tuples ``(x_m1, x_m2, y)``: float32 tensors per modality, image-like
+  ``(N, C, H, W)`` or vectors ``(N, D)``; ``y`` is int64, class ids ``(N,)`` when
+  ``task == "classification"``, or masks ``(N, H, W)`` with ``ignore_index`` (255) for void pixels
+  when ``task == "segmentation"``;
+- ``num_classes``, ``modalities`` (two names), ``modality_shapes`` (per-sample shapes),
+  ``class_names``, ``task`` and ``ignore_index`` are valid right after ``__init__``;
+- datasets without official splits use the repo's seeded random 60/20/20 train/val/test split of
+  all samples (``utils.get_indices``: a permutation cut at ``int(0.6 N)`` and ``int(0.8 N)``),
+  drawn from ``split_seed`` or read from one of the repo's ``metadata/<db>_indices.csv`` files;
+  datasets with official splits hold ``val_fraction`` of the official train part out instead;
+- nothing is downloaded; a missing dataset raises
+  :class:`~kdzoo.datamodules.base.DatasetNotFoundError` saying where kdzoo looked and how to get
+  the data, and a dataset missing only some files raises :class:`MissingDataFileError` naming
+  them; malformed files (mismatched lengths, bad shapes) raise
+  :class:`~kdzoo.datamodules.base.DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from kdzoo.datamodules.base import (
+    DataError,
+    DatasetNotFoundError,
+    Expected,
+    _check,
+    _has,
+    default_cache_dir,
+    resolve_root,
+    seed_worker,
+)
+
+#: Where MST-Distill cuts its permutation into train / val / test (60/20/20) for datasets
+#: without official splits; the literals of its ``utils.get_indices`` (0.6 + 0.2 != 0.8 in floats).
+SPLIT_CUTS = (0.6, 0.8)
+
+Item = tuple[torch.Tensor, torch.Tensor, Any]
+#: ``prepare(x_m1, x_m2, y)`` turns one stored sample into the tensors of one batch item.
+Prepare = Callable[[Any, Any, Any], Item]
+
+
+class MissingDataFileError(DataError, DatasetNotFoundError):
+    """Some, not all, of a dataset's files are present (e.g. one modality is missing)."""
+
+
+@dataclass(frozen=True)
+class PairedInfo:
+    """What the CLI and the methods need to know about a paired dataset before ``setup()``."""
+
+    modalities: tuple[str, str]
+    modality_shapes: tuple[tuple[int, ...], tuple[int, ...]]
+    class_names: tuple[str, ...]
+
+
+# -- array helpers ------------------------------------------------------------------------------
+
+
+def min_max(x: Any, axis: int | tuple[int, ...] | None = None) -> np.ndarray:
+    """``(x - min) / (max - min)`` over ``axis`` (all of ``x`` for ``None``), as float32.
+
+    MST-Distill's ``utils.min_max_normalize`` divides by ``max - min`` unguarded; a constant slice
+    (e.g. an all-zero depth map) would give NaN there, here it gives zeros.
+    """
+    x = np.asarray(x, dtype=np.float64)
+    lo, hi = x.min(axis=axis, keepdims=True), x.max(axis=axis, keepdims=True)
+    span = hi - lo
+    out = (x - lo) / np.where(span > 0, span, 1.0)
+    return out.astype(np.float32)
+
+
+def load_npy(path: Path, what: str) -> np.ndarray:
+    """``np.load`` memory-mapped (large modalities are read item by item), errors as DataError."""
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except FileNotFoundError:
+        raise MissingDataFileError(f"{path} ({what}) is missing") from None
+    except (ValueError, OSError) as e:
+        raise DataError(f"{path} ({what}): not a readable .npy array ({e})") from None
+
+
+def check_labels(labels: Any, num_classes: int | None, where: str) -> np.ndarray:
+    """1-D integral class ids (integer or integral float dtype) as int64, range-checked."""
+    y = np.asarray(labels)
+    if y.ndim != 1 or not (np.issubdtype(y.dtype, np.number) and y.dtype != np.bool_):
+        raise DataError(
+            f"{where}: labels must be a 1-D array of class ids, got {y.dtype} {y.shape}"
+        )
+    if not np.issubdtype(y.dtype, np.integer) and not np.all(np.mod(y, 1) == 0):
+        raise DataError(f"{where}: labels must be integer class ids, got non-integral {y.dtype}")
+    y = y.astype(np.int64)
+    if len(y) and (y.min() < 0 or (num_classes is not None and y.max() >= num_classes)):
+        top = "" if num_classes is None else f"..{num_classes - 1}"
+        raise DataError(f"{where}: labels range {y.min()}..{y.max()}, expected 0{top}")
+    return y
+
+
+def check_lengths(where: str, arrays: dict[str, Any]) -> int:
+    """The common length of the named ``arrays``; a mismatch is a DataError naming each length."""
+    lengths = {name: len(a) for name, a in arrays.items()}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{name} has {n} items" for name, n in lengths.items())
+        raise DataError(
+            f"{where}: mismatched pair lengths: {listed}; every sample needs both "
+            "modalities and a label, in the same order"
+        )
+    return next(iter(lengths.values()))
+
+
+# -- splits -------------------------------------------------------------------------------------
+
+
+def read_permutation(path: str | os.PathLike, column: str, n: int) -> np.ndarray:
+    """Column ``column`` of an MST-Distill ``metadata/<db>_indices.csv``: a permutation of ``n``."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as e:
+        raise DataError(f"split_file {path}: cannot read it ({e})") from None
+    header = rows[0] if rows else []
+    if column not in header:
+        raise DataError(f"split_file {path} has no column {column!r} (columns: {header[:4]}...)")
+    k = header.index(column)
+    try:
+        perm = np.array([int(row[k]) for row in rows[1:]], dtype=np.int64)
+    except (ValueError, IndexError):
+        raise DataError(f"split_file {path}: column {column!r} is not a list of integers") from None
+    if not np.array_equal(np.sort(perm), np.arange(n)):
+        raise DataError(
+            f"split_file {path}: column {column!r} is not a permutation of the {n} samples "
+            f"({len(perm)} entries); is it the file of this dataset?"
+        )
+    return perm
+
+
+def random_split(
+    n: int, seed: int, split_file: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """MST-Distill's 60/20/20 split: sorted ``(train, val, test)`` indices of ``n`` samples.
+
+    The permutation is ``np.random.default_rng(seed).permutation(n)``, or column
+    ``group_<seed>`` of ``split_file`` (the repo's own CSV, which reproduces its splits exactly);
+    it is cut at ``int(0.6 n)`` and ``int(0.8 n)`` as in the repo's ``utils.get_indices``.
+    """
+    if split_file is not None:
+        perm = read_permutation(split_file, f"group_{seed}", n)
+    else:
+        perm = np.random.default_rng(seed).permutation(n)
+    a, b = int(n * SPLIT_CUTS[0]), int(n * SPLIT_CUTS[1])
+    if a == 0 or b in (a, n):
+        raise DataError(f"{n} samples are too few for a 60/20/20 train/val/test split")
+    return np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:])
+
+
+def holdout_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded ``(train, val)`` indices of an official train part (kdzoo's classification rule)."""
+    n_val = round(n * val_fraction)
+    if n_val >= n:
+        raise DataError(f"val_fraction={val_fraction} leaves none of the {n} training samples")
+    perm = np.random.default_rng(seed).permutation(n)
+    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
+
+
+# -- dataset ------------------------------------------------------------------------------------
+
+
+class PairedDataset(Dataset):
+    """Items ``prepare(m1[j], m2[j], labels[j])`` for ``j`` in ``indices``.
+
+    ``m1``, ``m2`` and ``labels`` only need ``len`` and integer indexing, so memory-mapped
+    ``.npy`` files and lazy views work; their lengths are checked to agree.
+    """
+
+    def __init__(
+        self, m1: Any, m2: Any, labels: Any, prepare: Prepare, indices: Any = None, where: str = ""
+    ) -> None:
+        n = check_lengths(where or "paired data", {"m1": m1, "m2": m2, "labels": labels})
+        self.m1, self.m2, self.labels, self.prepare = m1, m2, labels, prepare
+        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
+
+    def subset(self, indices: np.ndarray) -> PairedDataset:
+        """The same data viewed through other ``indices`` (positions in the underlying arrays)."""
+        return PairedDataset(self.m1, self.m2, self.labels, self.prepare, indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Item:
+        j = int(self.indices[i])
+        return self.prepare(self.m1[j], self.m2[j], self.labels[j])
+
+
+def as_tensor(x: Any) -> torch.Tensor:
+    """A contiguous float32 tensor of ``x`` (copied, so memory maps are never handed out)."""
+    return torch.from_numpy(np.array(x, dtype=np.float32, copy=True, order="C"))
+
+
+# -- the DataModule -----------------------------------------------------------------------------
+
+
+class PairedModalityDataModule(L.LightningDataModule, ABC):
+    """Base DataModule for two-modality data; the batch contract is in the module docstring.
+
+    Subclasses set the class attributes describing their data and implement :meth:`describe`
+    (modalities, per-sample shapes, class names), :meth:`expected_files` and :meth:`load_splits`.
+
+    Args:
+        root: dataset directory (the only place searched when given); ``None`` searches
+            ``$KDZOO_DATA/<subdir>``, ``~/.cache/kdzoo/data/<subdir>`` and known system
+            locations (see :func:`~kdzoo.datamodules.base.resolve_root`). Nothing is downloaded.
+        batch_size: samples per batch for every split.
+        num_workers: DataLoader worker processes (0 loads in the main process).
+        split_seed: seed of the train/val(/test) split and of the subsets.
+        train_subset: keep only this many (seeded random) training samples; ``None`` keeps all.
+        eval_subset: same for the val and test splits.
+    """
+
+    name: str = "paired dataset"
+    #: ``$KDZOO_DATA/<data_subdir>`` and ``~/.cache/kdzoo/data/<data_subdir>`` are searched.
+    data_subdir: str = ""
+    system_dirs: tuple[str, ...] = ()
+    #: How to obtain the data, e.g. the official download page (kdzoo never downloads it).
+    install_hint: str | None = None
+    task: str = "classification"
+    ignore_index: int | None = None
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        split_seed: int = 0,
+        train_subset: int | None = None,
+        eval_subset: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
+        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
+        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
+        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
+            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
+        self.root = root
+        self.batch_size, self.num_workers, self.split_seed = batch_size, num_workers, split_seed
+        self.train_subset, self.eval_subset = train_subset, eval_subset
+        self._info: PairedInfo | None = None
+        self.train: PairedDataset | None = None
+        self.val = self.test = self.predict = self.train
+
+    # -- the contract's properties ----------------------------------------------------------------
+
+    @abstractmethod
+    def describe(self) -> PairedInfo:
+        """Modalities, per-sample shapes and class names (called once, lazily, then cached)."""
+
+    @property
+    def info(self) -> PairedInfo:
+        if self._info is None:
+            self._info = self.describe()
+        return self._info
+
+    @property
+    def modalities(self) -> tuple[str, str]:
+        return self.info.modalities
+
+    @property
+    def modality_shapes(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return self.info.modality_shapes
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.info.class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.info.class_names)
+
+    # -- data location ----------------------------------------------------------------------------
+
+    @abstractmethod
+    def expected_files(self) -> dict[Expected, str]:
+        """The files a data directory must hold, each with what it is (named in errors)."""
+
+    def how_to_get(self) -> list[str]:
+        hints = [self.install_hint] if self.install_hint else []
+        return [*hints, "pass --data.root DIR where DIR holds these files"]
+
+    def _candidate_dirs(self) -> list[Path]:
+        if self.root is not None:
+            return [Path(self.root).expanduser()]
+        env = os.environ.get("KDZOO_DATA")
+        bases = [Path(env).expanduser() / self.data_subdir] if env else []
+        return [*bases, default_cache_dir(self.data_subdir), *map(Path, self.system_dirs)]
+
+    def find_root(self, expected: dict[Expected, str] | None = None) -> Path:
+        """The directory holding ``expected`` (default :meth:`expected_files`).
+
+        Raises:
+            MissingDataFileError: a searched directory holds some of the files but not all; the
+                missing ones are named with what they are.
+            DatasetNotFoundError: no searched directory holds any of them.
+        """
+        expected = self.expected_files() if expected is None else expected
+        hints = self.how_to_get()
+        try:
+            return resolve_root(
+                self.name,
+                self.root,
+                self.data_subdir,
+                list(expected),
+                system_dirs=self.system_dirs,
+                how_to_get=hints,
+            )
+        except DatasetNotFoundError:
+            # A directory with only some of the files is almost surely the user's copy with a
+            # modality (or a split) left out: name exactly what is missing.
+            for directory in self._candidate_dirs():
+                missing = [
+                    f"{directory / (item if isinstance(item, str) else item[0])} ({what})"
+                    for item, what in expected.items()
+                    if not _has(directory, item)
+                ]
+                if len(missing) < len(expected):
+                    raise MissingDataFileError(
+                        f"{self.name}: incomplete data in {directory}: missing "
+                        f"{'; '.join(missing)}. To fix it: {'; or '.join(hints)}."
+                    ) from None
+            raise
+
+    def prepare_data(self) -> None:
+        """Check that the data is present (nothing is ever downloaded)."""
+        self.find_root()
+
+    # -- datasets ---------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load_splits(self) -> tuple[PairedDataset, PairedDataset, PairedDataset]:
+        """The full ``(train, val, test)`` datasets, before ``train_subset``/``eval_subset``."""
+
+    def _subset(self, dataset: PairedDataset, size: int | None, stream: int) -> PairedDataset:
+        if size is None or size >= len(dataset):
+            return dataset
+        # A generator per split (``stream``): the val subset does not change with train_subset.
+        rng = np.random.default_rng([self.split_seed, stream])
+        return dataset.subset(np.sort(rng.permutation(dataset.indices)[:size]))
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:  # the datasets do not depend on the stage: build them once
+            return
+        train, val, test = self.load_splits()
+        self.train = self._subset(train, self.train_subset, 1)
+        self.val = self._subset(val, self.eval_subset, 2)
+        self.test = self._subset(test, self.eval_subset, 3)
+        self.predict = self.test
+
+    # -- loaders ----------------------------------------------------------------------------------
+
+    def _loader(self, dataset: PairedDataset | None, shuffle: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            worker_init_fn=seed_worker,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.predict, shuffle=False)

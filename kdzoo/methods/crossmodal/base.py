@@ -1,0 +1,238 @@
+"""The contract of kdzoo's cross-modal methods: paired-modality batches, one deployed network.
+
+A paired-modality datamodule yields batches ``(x_m1, x_m2, y)`` and exposes ``num_classes`` and
+``modality_shapes`` (per-sample shapes, linked into every module here by the CLI). The network
+architectures are described once, by ``encoders`` (one spec per modality, see
+:mod:`kdzoo.models.multimodal`), ``head_hidden`` (the unimodal nets' head) and
+``fusion_head_hidden`` (the fusion net's head), so the same YAML block builds the fusion teacher,
+the cross-modal teacher and the student of "MST-Distill: Mixture of Specialized Teachers for
+Cross-Modal Knowledge Distillation" (ACM MM 2025, arXiv:2507.07015; code
+github.com/Gray-OREO/MST-Distill) and of its baselines.
+
+:class:`PairedModule` owns the evaluated network ``self.student`` (a ``"fusion"`` net or a
+unimodal net on ``"m1"``/``"m2"``), the injected optimiser and scheduler, accuracy metrics
+(``val/top1``, ``val/top5``, ``val/loss`` = the student's cross-entropy) and the weighted sum and
+logging of the named loss terms a method returns, as
+:class:`kdzoo.methods.base.ClassificationModule`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kdzoo.errors import ConfigError
+from kdzoo.models.multimodal import FusionNet, UnimodalNet
+from kdzoo.models.weights import safe_torch_load
+
+__all__ = ["ROLES", "PairedModule", "load_paired_checkpoint", "modality_role"]
+
+#: The networks of the cross-modal setting: the fusion net and a unimodal net per modality.
+ROLES = ("fusion", "m1", "m2")
+#: Hyper-parameters that fix a network's architecture (compared when weights are loaded).
+ARCHITECTURE_KEYS = ("encoders", "head_hidden", "fusion_head_hidden", "modality_shapes")
+
+
+def modality_role(modality: int) -> str:
+    """``"m1"`` for modality 0, ``"m2"`` for modality 1."""
+    if modality not in (0, 1):
+        raise ConfigError(f"target_modality must be 0 (m1) or 1 (m2), got {modality!r}")
+    return f"m{modality + 1}"
+
+
+def load_paired_checkpoint(path: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Hyper-parameters and state dict of a kdzoo Lightning checkpoint (``weights_only`` load)."""
+    checkpoint = safe_torch_load(path)
+    if not (
+        isinstance(checkpoint, Mapping) and {"state_dict", "hyper_parameters"} <= set(checkpoint)
+    ):
+        raise ConfigError(
+            f"{what}={path!r} is not a Lightning checkpoint of a kdzoo cross-modal run (it has no "
+            "state_dict and hyper_parameters): pass the .ckpt that run wrote"
+        )
+    return dict(checkpoint["hyper_parameters"]), dict(checkpoint["state_dict"])
+
+
+def _plain(value: Any) -> Any:
+    """Tuples as lists, recursively, so hyper-parameters compare equal after a YAML round trip."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+class PairedModule(L.LightningModule, ABC):
+    """A network trained on paired-modality batches from named, weighted loss terms.
+
+    Subclasses set :attr:`student_role`, build :attr:`student` (with :meth:`build_network`),
+    implement :meth:`loss_terms` and set :attr:`loss_weights`.
+
+    Args:
+        encoders: one encoder spec per modality, e.g.
+            ``[{"kind": "mlp", "hidden": [1024, 512]}, {"kind": "mlp", "hidden": [1024, 512]}]``.
+        num_classes: classifier outputs (linked from ``data.num_classes``).
+        modality_shapes: per-sample input shape per modality (linked from
+            ``data.modality_shapes``), e.g. ``[[1, 28, 28], [1, 112, 112]]``.
+        head_hidden: widths of the unimodal nets' ``fc1, fc2, ...`` (repo's RAVDESS: 320, 160).
+        fusion_head_hidden: widths of the fusion net's ``fc1, fc2, ...`` (``None``: as
+            ``head_hidden``).
+        optimizer: optimiser factory (default Adam, lr 1e-4, as every script of the repo).
+        scheduler: optional learning-rate scheduler factory (stepped every epoch).
+    """
+
+    #: Which network is evaluated and deployed: ``"fusion"``, ``"m1"`` or ``"m2"``.
+    student_role: str = "m1"
+
+    def __init__(
+        self,
+        encoders: Sequence[Mapping[str, Any]],
+        num_classes: int,
+        modality_shapes: Sequence[Sequence[int]],
+        head_hidden: Sequence[int] = (320, 160),
+        fusion_head_hidden: Sequence[int] | None = None,
+        optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=1e-4),
+        scheduler: LRSchedulerCallable | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if len(modality_shapes) != 2 or len(encoders) != 2:
+            raise ConfigError(
+                f"cross-modal methods need two modalities: got {len(modality_shapes)} modality "
+                f"shapes and {len(encoders)} encoder specs (one per modality)"
+            )
+        self.modality_shapes = tuple(tuple(int(s) for s in shape) for shape in modality_shapes)
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_weights: dict[str, float] = {}
+        self._frozen: list[str] = []
+        self.val_metrics = self.accuracy_metrics("val/")
+        self.test_metrics = self.accuracy_metrics("test/")
+
+    def accuracy_metrics(self, prefix: str, suffix: str = "") -> MetricCollection:
+        """Top-1 and top-5 accuracy, logged as ``<prefix>top1<suffix>``, ..."""
+        num_classes = self.hparams.num_classes
+        top_k = min(5, num_classes)
+        metrics = {
+            f"top1{suffix}": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+            f"top{top_k}{suffix}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
+        }
+        return MetricCollection(metrics, prefix=prefix)
+
+    # ---- networks -----------------------------------------------------------------------------
+    def build_network(self, role: str) -> nn.Module:
+        """A fresh ``"fusion"`` net or unimodal net on ``"m1"``/``"m2"`` of this architecture."""
+        hp = self.hparams
+        if role == "fusion":
+            hidden = hp.fusion_head_hidden if hp.fusion_head_hidden is not None else hp.head_hidden
+            return FusionNet(hp.encoders, self.modality_shapes, hp.num_classes, hidden)
+        if role not in ROLES:
+            raise ConfigError(f"network must be one of {ROLES}, got {role!r}")
+        m = int(role[1]) - 1
+        return UnimodalNet(hp.encoders[m], self.modality_shapes[m], hp.num_classes, hp.head_hidden)
+
+    @staticmethod
+    def inputs(role: str, x_m1: torch.Tensor, x_m2: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The inputs the ``role`` network takes from a paired batch."""
+        return {"fusion": (x_m1, x_m2), "m1": (x_m1,), "m2": (x_m2,)}[role]
+
+    def freeze(self, *names: str) -> None:
+        """Stop the gradients of these sub-networks and keep them in eval mode for ever."""
+        for name in names:
+            getattr(self, name).requires_grad_(False).eval()
+            self._frozen.append(name)
+
+    def train(self, mode: bool = True) -> PairedModule:
+        # Lightning calls train() at every epoch start; frozen networks must keep their
+        # BatchNorm statistics and dropout as trained.
+        super().train(mode)
+        for name in self._frozen:
+            getattr(self, name).train(False)
+        return self
+
+    # ---- data ---------------------------------------------------------------------------------
+    def split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x_m1, x_m2, y)`` of a paired-modality batch, or a clear error for any other."""
+        if not (
+            isinstance(batch, Sequence) and len(batch) == 3 and all(map(torch.is_tensor, batch))
+        ):
+            got = f"{len(batch)} items" if isinstance(batch, Sequence) else type(batch).__name__
+            raise ConfigError(
+                f"{type(self).__name__} needs batches (x_m1, x_m2, y), one tensor per modality and "
+                f"the labels, but got {got}: the data must be a paired-modality datamodule"
+            )
+        return batch[0], batch[1], batch[2]
+
+    # ---- training: weighted sum and logging ---------------------------------------------------
+    @abstractmethod
+    def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
+        """Unweighted scalar loss terms for one training batch, keyed by name."""
+
+    def weighted_loss(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
+        """``sum(weight * term)``, every term logged under ``train/loss_<name>``."""
+        unknown = set(terms) - set(self.loss_weights)
+        if unknown:
+            raise KeyError(f"{type(self).__name__} returned loss terms without a weight: {unknown}")
+        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
+        for name, value in terms.items():
+            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.weighted_loss(self.loss_terms(batch), batch_size=len(batch[-1]))
+
+    # ---- evaluation -----------------------------------------------------------------------
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        """Logits of the deployed network (one modality for a student, both for fusion)."""
+        return self.student(*inputs)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.evaluate(batch, self.test_metrics, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x_m1, x_m2, _ = self.split_batch(batch)
+        probs = self(*self.inputs(self.student_role, x_m1, x_m2)).float().softmax(dim=-1)
+        return {"probs": probs, "prediction": probs.argmax(dim=-1)}
+
+    def evaluate(self, batch: Any, metrics: MetricCollection, stage: str) -> torch.Tensor:
+        """Logs ``<stage>/loss`` (cross-entropy) and the accuracies of the deployed network;
+        returns the loss."""
+        x_m1, x_m2, target = self.split_batch(batch)
+        logits = self(*self.inputs(self.student_role, x_m1, x_m2))
+        loss = F.cross_entropy(logits.float(), target)
+        metrics.update(logits, target)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(target))
+        self.log_dict(metrics, prog_bar=True)
+        return loss
+
+    # ---- optimisation -------------------------------------------------------------------------
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
+        if self.scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+
+    # ---- loading weights ----------------------------------------------------------------------
+    def architecture_mismatch(
+        self, recorded: Mapping[str, Any], extra_keys: Sequence[str] = ()
+    ) -> list[str]:
+        """``key: recorded vs ours`` for each architecture hyper-parameter (and each of
+        ``extra_keys``) that differs between a checkpoint's ``recorded`` ones and this run's."""
+        return [
+            f"{key}: {recorded[key]!r} vs {self.hparams[key]!r}"
+            for key in (*ARCHITECTURE_KEYS, "num_classes", *extra_keys)
+            if key in recorded and _plain(recorded[key]) != _plain(self.hparams[key])
+        ]
