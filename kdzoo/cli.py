@@ -33,8 +33,10 @@ TRAINER_COMMANDS = {
     "test": "Evaluate a checkpoint on the test split.",
     "predict": "Predict class probabilities for the predict split.",
 }
-# Values every model takes from the datamodule, so the two can never disagree.
-LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "mean", "std")
+# Values every model takes from the datamodule, so the two can never disagree. A link whose
+# datamodule attribute does not exist is skipped: paired-modality data has ``modality_shapes``
+# instead of ``in_chans``/``mean``/``std``, and only paired-modality models take it.
+LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "mean", "std", "modality_shapes")
 
 
 def _quiet_lightning() -> None:
@@ -180,6 +182,12 @@ def _keep_earlier_metrics(run_dir: Path) -> None:
     print(f"kdzoo: resuming {run_dir}; earlier metrics kept in metrics.{part}.csv", file=sys.stderr)
 
 
+def _active(argv: Sequence[str]) -> None:
+    from kdzoo.active.cli import main as active_main
+
+    active_main(argv)
+
+
 def _bench(argv: Sequence[str]) -> None:
     from kdzoo.bench import main as bench_main
 
@@ -193,6 +201,10 @@ def _hub(argv: Sequence[str]) -> None:
 
 
 TOOL_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
+    "active": (
+        "Active learning with distillation, resumable rounds (`kdzoo active --help`).",
+        _active,
+    ),
     "bench": (
         "Run a benchmark suite and render its table and plot (`kdzoo bench --help`).",
         _bench,
