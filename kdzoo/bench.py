@@ -14,6 +14,8 @@ logged (e.g. a label-assisted teacher's mIoU without its label input). Adding a 
 suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
 :class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
 one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
+A suite's ``active:`` block (``configs``, ``args``) then runs an active-learning experiment
+(:func:`kdzoo.active.loop.run_active`) into ``<out>/<suite>_active/``.
 """
 
 from __future__ import annotations
@@ -119,6 +121,10 @@ def run_suite(
         for extra in _also_reported(run, rows[-1], metrics, metric):
             rows.append(extra)
             append_row(out / f"{table}.csv", extra)
+    if suite.get("active"):
+        _run_active_part(suite["active"], best, configs_dir, out / f"{table}_active", fast)
+    if not rows:
+        return rows
     all_rows = read_rows(out / f"{table}.csv")
     title = f"kdzoo bench {name}{' --fast' if fast else ''}"
     markdown = render_table(all_rows, title=title, reference=suite.get("reference"), metric=metric)
@@ -128,6 +134,25 @@ def run_suite(
         plot_stream(streams, out / f"{table}_stream.png", title=f"{title}: error along the stream")
     print(markdown)
     return rows
+
+
+def _run_active_part(
+    spec: dict[str, Any], best: dict[str, str], configs_dir: Path, out: Path, fast: bool
+) -> None:
+    """A suite's ``active:`` block: the active-learning experiment of ``kdzoo active run`` over
+    its ``configs`` with its ``args`` (``{best:RUN}`` filled in), written to ``<out>``
+    (``rounds.csv``, ``selected.csv``, ``active.md``, ``active.png``); ``seeds`` in the block
+    override the config's (the curves average several, so the bench's ``--seed`` is not used)."""
+    from kdzoo.active.loop import run_active
+
+    overrides = [_fill_checkpoints(arg, best) for arg in spec.get("args", [])]
+    run_active(
+        [configs_dir / config for config in spec["configs"]],
+        out,
+        seeds=spec.get("seeds"),
+        fast=fast,
+        overrides=overrides,
+    )
 
 
 def _prepare_corruptions(spec: dict[str, Any] | None, fast: bool, out: Path) -> list[str]:
@@ -167,7 +192,7 @@ def _row(
     return {
         "run": run["name"],
         "method": type(cli.model).__name__,
-        "student": _with_head(hparams.get("student", "") or source.get("name", ""), hparams),
+        "student": _student_name(hparams, source),
         "teacher": _teacher_names(hparams),
         "dataset": type(cli.datamodule).__name__,
         "top1": "" if top1 is None else round(100.0 * float(top1), 4),
@@ -223,6 +248,19 @@ def _teacher_names(hparams: Any) -> str:
         name = teacher.get("name") or _with_head(architecture.get("backbone", ""), architecture)
         names.append(name + ("+label" if architecture.get("extra_in_chans") else ""))
     return " + ".join(names)
+
+
+def _student_name(hparams: Any, source: Any) -> str:
+    """The trained network: a timm name, ``backbone/head`` (segmentation), or for paired-modality
+    methods the encoder of the modality it sees (``name (m1)``) or ``fusion(a+b)``."""
+    encoders = hparams.get("encoders")
+    if not encoders:
+        return _with_head(hparams.get("student", "") or source.get("name", ""), hparams)
+    names = [e.get("name") or e.get("kind", "") for e in encoders]
+    role = hparams.get("network") or f"m{int(hparams.get('target_modality', 0)) + 1}"
+    if role == "fusion":
+        return f"fusion({'+'.join(names)})"
+    return f"{names[int(role[1]) - 1]} ({role})"
 
 
 def _with_head(name: str, hparams: Any) -> str:
