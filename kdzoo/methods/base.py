@@ -27,7 +27,12 @@ from kdzoo.errors import ConfigError
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
-__all__ = ["ClassificationModule", "DistillationModule", "exclude_teacher_from_checkpoints"]
+__all__ = [
+    "ClassificationModule",
+    "DistillationModule",
+    "exclude_teacher_from_checkpoints",
+    "weighted_loss",
+]
 
 _TEACHER_PREFIX = "teacher."
 # A frozen teacher is in eval mode on purpose; Lightning warns about any module in eval mode.
@@ -96,16 +101,7 @@ class ClassificationModule(L.LightningModule, ABC):
 
     # ---- training: weighted sum and logging, written once ------------------------------------
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch)
-        unknown = set(terms) - set(self.loss_weights)
-        if unknown:
-            raise KeyError(f"{type(self).__name__} returned loss terms without a weight: {unknown}")
-        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
-        batch_size = _batch_size(batch)
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        return loss
+        return weighted_loss(self, self.loss_terms(batch), _batch_size(batch))
 
     # ---- evaluation -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,6 +179,21 @@ class DistillationModule(ClassificationModule):
     ) -> BackboneOutput:
         """The teacher's outputs for the student's batch (no autograd, eval mode)."""
         return self.teacher(x, indices=indices)
+
+
+def weighted_loss(
+    module: L.LightningModule, terms: Mapping[str, torch.Tensor], batch_size: int | None
+) -> torch.Tensor:
+    """``sum(module.loss_weights[name] * term)``, each term logged as ``train/loss_<name>`` and
+    the sum as ``train/loss``: the training step of every kdzoo method, written once."""
+    unknown = set(terms) - set(module.loss_weights)
+    if unknown:
+        raise KeyError(f"{type(module).__name__} returned loss terms without a weight: {unknown}")
+    loss = sum(module.loss_weights[name] * value for name, value in terms.items())
+    for name, value in terms.items():
+        module.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
+    module.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+    return loss
 
 
 def exclude_teacher_from_checkpoints(module: torch.nn.Module) -> None:

@@ -40,7 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
-from kdzoo.methods.base import exclude_teacher_from_checkpoints
+from kdzoo.methods.base import exclude_teacher_from_checkpoints, weighted_loss
 from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher, linear_warmup_decay
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
@@ -265,13 +265,7 @@ class DualHeadDistillation(L.LightningModule):
         return terms
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        terms = self.loss_terms(batch)
-        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
-        batch_size = len(_split_batch(batch)[0][1])
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        return loss
+        return weighted_loss(self, self.loss_terms(batch), len(_split_batch(batch)[0][1]))
 
     # ---- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:

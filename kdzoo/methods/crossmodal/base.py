@@ -31,6 +31,7 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from kdzoo.errors import ConfigError
+from kdzoo.methods.base import weighted_loss
 from kdzoo.models.multimodal import FusionNet, UnimodalNet
 from kdzoo.models.weights import safe_torch_load
 
@@ -179,14 +180,7 @@ class PairedModule(L.LightningModule, ABC):
 
     def weighted_loss(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
         """``sum(weight * term)``, every term logged under ``train/loss_<name>``."""
-        unknown = set(terms) - set(self.loss_weights)
-        if unknown:
-            raise KeyError(f"{type(self).__name__} returned loss terms without a weight: {unknown}")
-        loss = sum(self.loss_weights[name] * value for name, value in terms.items())
-        for name, value in terms.items():
-            self.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
-        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-        return loss
+        return weighted_loss(self, terms, batch_size)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return self.weighted_loss(self.loss_terms(batch), batch_size=len(batch[-1]))
