@@ -41,7 +41,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
 from kdzoo.methods.base import exclude_teacher_from_checkpoints, weighted_loss
-from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher, linear_warmup_decay
+from kdzoo.models.clip_probe import linear_warmup_decay
+from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
 __all__ = ["DualHeadDistillation"]
