@@ -12,10 +12,10 @@ may be a dict of presets per command, and a run's ``fast_args`` are added in ``-
 run's ``also_report: {NAME: LOGGED_KEY}`` adds a row ``NAME`` holding another metric the run
 logged (e.g. a label-assisted teacher's mIoU without its label input). Adding a method to a
 suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
-:class:`~kdzoo.cli.KDCLI`), is evaluated on the test split with its best checkpoint, and appends
-one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered from the CSV.
-A suite's ``active:`` block (``configs``, ``args``) then runs an active-learning experiment
-(:func:`kdzoo.active.loop.run_active`) into ``<out>/<suite>_active/``.
+:class:`~kdzoo.lightning_cli.KDCLI`), is evaluated on the test split with its best checkpoint,
+and appends one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered
+from the CSV. A suite's ``active:`` block (``configs``, ``args``) then runs an active-learning
+experiment (:func:`kdzoo.active.loop.run_active`) into ``<out>/<suite>_active/``.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def run_suite(
     configs_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Train and test every run of suite ``name``; return the rows it appended."""
-    from kdzoo.cli import KDCLI
+    from kdzoo.lightning_cli import KDCLI
 
     configs_dir = configs_dir or default_configs_dir()
     suite = load_suite(name, configs_dir)
@@ -310,10 +310,10 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="configs root (default: ./configs or the source checkout's)",
     )
-    subcommands.add_subcommand("run", run)
+    subcommands.add_subcommand("run", run, help=run.description)
     listing = ArgumentParser(description="List the suites.")
     listing.add_argument("--configs_dir", type=Path | None, default=None)
-    subcommands.add_subcommand("list", listing)
+    subcommands.add_subcommand("list", listing, help=listing.description)
     return parser
 
 

@@ -17,11 +17,14 @@ __all__ = ["PredictionWriter"]
 class PredictionWriter(BasePredictionWriter):
     """Writes ``kdzoo predict`` outputs to ``predictions.csv`` next to the run's logs.
 
-    One row per image of the predict split, in loader order: its index, the predicted class and
-    the class probabilities. Under DDP every rank writes ``predictions.rank<R>.csv`` with the
-    dataset indices it saw. An existing file is never overwritten: a numbered name is used.
-    Segmentation methods (predictions without ``probs``) write one PNG of class ids per image,
-    ``predictions/<index>.png`` (a new ``predictions.<n>/`` folder when it exists).
+    One row per image of the predict split, in loader order: ``index`` (in the predict dataset),
+    ``file`` (the image's path when the dataset has ``paths``, e.g. ImageFolder's; else empty),
+    ``prediction`` (the class index), ``class_name`` (from the datamodule's ``class_names``
+    when it has them; else empty) and the class probabilities ``p0..p{C-1}``. Under DDP every
+    rank writes ``predictions.rank<R>.csv`` with the dataset indices it saw. An existing file is
+    never overwritten: a numbered name is used. Segmentation methods (predictions without
+    ``probs``) write one PNG of class ids per image, ``predictions/<index>.png`` (a new
+    ``predictions.<n>/`` folder when it exists).
 
     Args:
         output_dir: where to write (default: the trainer's log directory).
@@ -54,13 +57,29 @@ class PredictionWriter(BasePredictionWriter):
         probs = torch.cat([p["probs"] for p in predictions]) if predictions else torch.empty(0, 0)
         if len(indices) != len(probs):  # loaders without a sampler that reports indices
             indices = list(range(len(probs)))
+        files = _dataset_paths(trainer)
+        names = getattr(trainer.datamodule, "class_names", None) or []
+        if len(names) != probs.shape[1]:
+            names = []
         with path.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["index", "prediction", *[f"p{c}" for c in range(probs.shape[1])]])
+            header = ["index", "file", "prediction", "class_name"]
+            writer.writerow([*header, *[f"p{c}" for c in range(probs.shape[1])]])
             predicted = probs.argmax(dim=1).tolist() if len(probs) else []
             for index, label, row in zip(indices, predicted, probs.tolist(), strict=True):
-                writer.writerow([index, label, *[f"{p:.6g}" for p in row]])
+                file = str(files[index]) if index < len(files) else ""
+                name = names[label] if names else ""
+                writer.writerow([index, file, label, name, *[f"{p:.6g}" for p in row]])
         print(f"kdzoo predict: wrote {len(probs)} predictions to {path}")
+
+
+def _dataset_paths(trainer: L.Trainer) -> list[Any]:
+    """The file of every item of the predict dataset (``dataset.paths``), or ``[]``."""
+    loaders = trainer.predict_dataloaders
+    if isinstance(loaders, Sequence) and loaders:
+        loaders = loaders[0]
+    paths = getattr(getattr(loaders, "dataset", None), "paths", None)
+    return list(paths) if paths is not None else []
 
 
 def _write_masks(directory: Path, predictions: Sequence[Any], indices: list[int]) -> None:

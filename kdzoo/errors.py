@@ -4,7 +4,7 @@ The ``kdzoo`` command prints these as one ``error:`` line instead of a traceback
 (set ``KDZOO_DEBUG=1`` to see the traceback anyway).
 """
 
-__all__ = ["ConfigError", "KDZooError"]
+__all__ = ["ConfigError", "DataError", "KDZooError"]
 
 
 class KDZooError(Exception):
@@ -13,3 +13,7 @@ class KDZooError(Exception):
 
 class ConfigError(KDZooError, ValueError):
     """A config value is out of range or inconsistent with another one."""
+
+
+class DataError(KDZooError, ValueError):
+    """A DataModule argument is out of range, or a data file is malformed."""

@@ -25,7 +25,16 @@ def kdzoo(
     *args: str, cwd: Path, expect_fail: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
     """Run ``kdzoo ARGS`` offline in ``cwd``; assert it succeeded (or failed, ``expect_fail``)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    # One intra-op thread per process: the suite runs two test workers on two cores (README's
+    # `pytest -n 2`), and OpenMP threads spinning against another busy process cost 3-9x.
+    threads = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        **threads,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONWARNINGS": "ignore",
+        **(env or {}),
+    }
     proc = subprocess.run(
         [KDZOO, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )

@@ -35,7 +35,7 @@ def digits(train_subset: int = 120, **kwargs) -> Digits:
     return Digits(train_subset=train_subset, eval_subset=60, batch_size=40, image_size=16, **kwargs)
 
 
-def write_config(directory: Path, teacher: str | None = None, **active) -> Path:
+def write_config(directory: Path, teacher: str = "random", **active) -> Path:
     """A tiny active config: DHO test_resnet on 120 digits, 1 epoch, rounds of 10 labels."""
     config = {
         "trainer": {
@@ -147,7 +147,11 @@ def test_labelled_images_outside_the_training_split_are_a_clear_error() -> None:
 def dho(**kwargs) -> DualHeadDistillation:
     torch.manual_seed(0)
     return DualHeadDistillation(
-        student="test_resnet", num_classes=10, in_chans=1, teacher={"name": "test_resnet"}, **kwargs
+        student="test_resnet",
+        num_classes=10,
+        in_chans=1,
+        teacher={"name": "test_resnet", "weights": "random"},
+        **kwargs,
     )
 
 

@@ -11,6 +11,8 @@ import yaml
 from cli_helpers import DATA, QUIET, assert_clear_error, kdzoo, last_metrics
 
 KD_STUDENT = ["--model=KD", "--model.student=test_efficientnet", "--model.teacher.name=test_resnet"]
+# Each run is named from its method, student and teacher.
+KD_RUN = "kd-test_efficientnet-test_resnet"
 
 pytestmark = pytest.mark.slow
 
@@ -26,17 +28,17 @@ def test_fit_then_test_kd(tmp_path, teacher_ckpt):
         "fit", *KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, *QUIET,
         "--trainer.max_epochs=1", cwd=tmp_path,
     )  # fmt: skip
-    run = tmp_path / "runs/lightning_logs/version_0"
+    run = tmp_path / f"runs/{KD_RUN}/version_0"
     assert (run / "config.yaml").is_file(), "the run config is saved next to the logs"
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     state = torch.load(best, weights_only=True)["state_dict"]
     assert state and not any(k.startswith("teacher.") for k in state)
     out = kdzoo("test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
     assert "test/top1" in out.stdout
-    test_top1 = last_metrics(tmp_path / "runs/lightning_logs/version_1")["test/top1"]
+    test_top1 = last_metrics(tmp_path / f"runs/{KD_RUN}/version_1")["test/top1"]
     assert 0.0 <= test_top1 <= 1.0
     kdzoo("predict", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
-    rows = list(csv.DictReader((tmp_path / "runs/lightning_logs/version_2/predictions.csv").open()))
+    rows = list(csv.DictReader((tmp_path / f"runs/{KD_RUN}/version_2/predictions.csv").open()))
     assert len(rows) == 200 and sorted(int(r["index"]) for r in rows) == list(range(200))
     probs = [float(rows[0][f"p{c}"]) for c in range(10)]
     assert sum(probs) == pytest.approx(1.0, abs=1e-4)
@@ -59,11 +61,11 @@ def test_print_config_round_trip(tmp_path, teacher_ckpt):
 def test_resume_from_last(tmp_path):
     common = ["--model=Supervised", "--model.student=test_resnet", *DATA, *QUIET]
     kdzoo("fit", *common, "--trainer.max_epochs=1", cwd=tmp_path)
-    run = tmp_path / "runs/lightning_logs/version_0"
+    run = tmp_path / "runs/supervised-test_resnet/version_0"
     original_config = (run / "config.yaml").read_text()
     first = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
     kdzoo("fit", *common, "--trainer.max_epochs=2", "--ckpt_path=last", cwd=tmp_path)
-    assert not (tmp_path / "runs/lightning_logs/version_1").exists(), "resumes into its run"
+    assert not (run.parent / "version_1").exists(), "resumes into its run"
     assert (run / "config.yaml").read_text() == original_config, "never overwritten"
     assert (run / "config.1.yaml").is_file()
     last = torch.load(run / "checkpoints/last.ckpt", weights_only=True)
@@ -78,7 +80,7 @@ def test_resume_without_previous_run_is_a_clear_error(tmp_path):
         "fit", "--model=Supervised", "--model.student=test_resnet", *DATA, "--ckpt_path=last",
         cwd=tmp_path, expect_fail=True,
     )  # fmt: skip
-    assert "no last.ckpt under runs/lightning_logs" in proc.stderr
+    assert "no last*.ckpt under runs/supervised-test_resnet" in proc.stderr
 
 
 def test_bf16_mixed_on_cpu(tmp_path, teacher_ckpt):
@@ -86,7 +88,7 @@ def test_bf16_mixed_on_cpu(tmp_path, teacher_ckpt):
         "fit", *KD_STUDENT, f"--model.teacher.weights={teacher_ckpt}", *DATA, *QUIET,
         "--trainer.max_epochs=1", "--trainer.precision=bf16-mixed", cwd=tmp_path,
     )  # fmt: skip
-    metrics = last_metrics(tmp_path / "runs/lightning_logs/version_0")
+    metrics = last_metrics(tmp_path / f"runs/{KD_RUN}/version_0")
     assert torch.isfinite(torch.tensor(metrics["val/loss"]))
     assert 0.0 <= metrics["val/top1"] <= 1.0
 
@@ -97,14 +99,14 @@ def test_ddp_two_cpu_processes_sync_metrics(tmp_path, teacher_ckpt):
         "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.devices=2",
         "--trainer.strategy=ddp", cwd=tmp_path,
     )  # fmt: skip
-    run = tmp_path / "runs/lightning_logs/version_0"
+    run = tmp_path / f"runs/{KD_RUN}/version_0"
     ddp_top1 = last_metrics(run)["val/top1"]
     # The same checkpoint evaluated by one process over the whole validation split.
     kdzoo(
         "validate", "-c", str(run / "config.yaml"), "--trainer.devices=1",
         "--trainer.strategy=auto", f"--ckpt_path={run / 'checkpoints/last.ckpt'}", cwd=tmp_path,
     )  # fmt: skip
-    single_top1 = last_metrics(tmp_path / "runs/lightning_logs/version_1")["val/top1"]
+    single_top1 = last_metrics(run.parent / "version_1")["val/top1"]
     assert ddp_top1 == pytest.approx(single_top1, abs=1e-6)
 
 
@@ -194,7 +196,10 @@ def test_student_teacher_class_count_mismatch(tmp_path):
         "fit", *KD_STUDENT, "--model.teacher.weights=teacher5.safetensors", *DATA,
         cwd=tmp_path, expect_fail=True,
     )  # fmt: skip
-    assert_clear_error(proc, "predicts 5 classes", "built for 10")
+    assert_clear_error(
+        proc, "teacher and student must predict the same classes", "teacher5.safetensors",
+        "trained on 5 classes and the data has 10", "train the teacher on this data",
+    )  # fmt: skip
 
 
 def test_pld_teacher_with_another_class_vocabulary(tmp_path):

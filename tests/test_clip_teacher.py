@@ -150,7 +150,7 @@ def test_teacher_stays_frozen(teacher) -> None:
 
 
 def test_build_from_spec_offline_with_random_weights() -> None:
-    spec = CLIPTeacherSpec(pretrained=None, image_size=SIZE, class_names=None)
+    spec = CLIPTeacherSpec(pretrained="random", image_size=SIZE, class_names=None)
     built = build_clip_teacher(spec, ["a", "b"], student_mean=MEAN, student_std=STD)
     assert isinstance(built, CLIPZeroShotTeacher)
     assert built.num_classes == 2 and built.image_size == (SIZE, SIZE)
@@ -164,10 +164,10 @@ def test_build_from_spec_offline_with_random_weights() -> None:
     [
         (CLIPTeacherSpec(pretrained="openai"), "offline|download"),
         (CLIPTeacherSpec(pretrained="/no/such/weights.pt"), "neither an open_clip tag"),
-        (CLIPTeacherSpec(model="RN51", pretrained=None), "unknown open_clip model"),
-        (CLIPTeacherSpec(pretrained=None, templates=["no slot"]), "exactly one"),
-        (CLIPTeacherSpec(pretrained=None, logit_scale=0.0), "logit_scale"),
-        (CLIPTeacherSpec(pretrained=None, image_size=8), "image_size"),
+        (CLIPTeacherSpec(model="RN51", pretrained="random"), "unknown open_clip model"),
+        (CLIPTeacherSpec(pretrained="random", templates=["no slot"]), "exactly one"),
+        (CLIPTeacherSpec(pretrained="random", logit_scale=0.0), "logit_scale"),
+        (CLIPTeacherSpec(pretrained="random", image_size=8), "image_size"),
     ],
 )
 def test_clear_errors(spec: CLIPTeacherSpec, match: str) -> None:
@@ -177,13 +177,13 @@ def test_clear_errors(spec: CLIPTeacherSpec, match: str) -> None:
 
 def test_no_class_names_is_an_error() -> None:
     with pytest.raises(ConfigError, match="class names"):
-        build_clip_teacher(CLIPTeacherSpec(pretrained=None), None)
+        build_clip_teacher(CLIPTeacherSpec(pretrained="random"), None)
 
 
 def test_missing_open_clip_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "open_clip", None)  # makes `import open_clip` fail
     with pytest.raises(ConfigError, match=r"pip install 'kdzoo\[clip\]'"):
-        build_clip_teacher(CLIPTeacherSpec(pretrained=None), ["a", "b"])
+        build_clip_teacher(CLIPTeacherSpec(pretrained="random"), ["a", "b"])
 
 
 # ---- CLAP -------------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def test_linear_probe_fit_lowers_its_objective(teacher, tmp_path: Path) -> None:
 
 
 def test_spec_with_prototypes_builds_the_probe(tmp_path: Path) -> None:
-    spec = CLIPTeacherSpec(pretrained=None, image_size=SIZE)
+    spec = CLIPTeacherSpec(pretrained="random", image_size=SIZE)
     torch.save({"prototypes": torch.randn(3, 1024)}, tmp_path / "bad.pt")
     spec.prototypes = str(tmp_path / "bad.pt")
     with pytest.raises(ConfigError, match="shape"):
@@ -270,7 +270,7 @@ class NamedData(L.LightningDataModule):
 
 def test_dho_takes_class_names_from_the_datamodule(tmp_path: Path) -> None:
     L.seed_everything(0, verbose=False)
-    clip = {"pretrained": None, "image_size": SIZE}
+    clip = {"pretrained": "random", "image_size": SIZE}
     module = DualHeadDistillation(
         "test_resnet", 3, clip_teacher=clip, in_chans=1, mean=MEAN, std=STD
     )
@@ -299,14 +299,14 @@ def test_dho_takes_class_names_from_the_datamodule(tmp_path: Path) -> None:
 
 
 def test_dho_rejects_class_name_count_mismatch() -> None:
-    clip = {"pretrained": None, "class_names": ["a", "b"], "image_size": SIZE}
+    clip = {"pretrained": "random", "class_names": ["a", "b"], "image_size": SIZE}
     with pytest.raises(ConfigError, match="2 class names"):
         DualHeadDistillation("test_resnet", 3, clip_teacher=clip, in_chans=1)
 
 
 def test_dho_class_names_argument_builds_the_teacher_at_once() -> None:
     """The CLI links ``data.class_names`` to ``class_names``; spec names would take precedence."""
-    clip = {"pretrained": None, "image_size": SIZE}
+    clip = {"pretrained": "random", "image_size": SIZE}
     module = DualHeadDistillation("test_resnet", 2, clip_teacher=clip, class_names=("a", "b"))
     assert isinstance(module.teacher, CLIPZeroShotTeacher)
     assert module.teacher.class_names == ["a", "b"]

@@ -62,7 +62,7 @@ COMMON_KWARGS: dict[str, Any] = {
 # Extra constructor arguments a method needs beyond the generic recipe, keyed by class name.
 METHOD_KWARGS: dict[str, dict[str, Any]] = {
     "KnowledgeConcentration": {
-        "specialists": [TeacherSpec("test_resnet") for _ in range(3)],
+        "specialists": [TeacherSpec("test_resnet", weights="random") for _ in range(3)],
         "verticals": [[0, 2, 4, 6], [5, 7, 9], [1, 3, 8]],
     },
 }
@@ -72,7 +72,7 @@ def build(cls: type[ClassificationModule], seed: int = 0, **overrides: Any) -> C
     """The generic recipe: common kwargs, a random-init tiny teacher, method extras, overrides."""
     kwargs = dict(COMMON_KWARGS)
     if issubclass(cls, DistillationModule):
-        kwargs["teacher"] = TeacherSpec("test_resnet")
+        kwargs["teacher"] = TeacherSpec("test_resnet", weights="random")
     kwargs.update(METHOD_KWARGS.get(cls.__name__, {}))
     kwargs.update(overrides)
     torch.manual_seed(seed)
@@ -303,7 +303,7 @@ def test_kd_without_ce_term_is_kd_loss() -> None:
 
 def test_kd_weighted_sum_with_renormalised_teacher() -> None:
     """ce_weight * CE + kd_weight * T^2 KL, the teacher seeing its own normalisation."""
-    teacher = TeacherSpec("test_resnet", mean=(0.2,), std=(0.5,))
+    teacher = TeacherSpec("test_resnet", weights="random", mean=(0.2,), std=(0.5,))
     module = build(KD, teacher=teacher, ce_weight=0.1, kd_weight=0.9, temperature=2.0).eval()
     x, y = batch = make_batch()
     with torch.no_grad():
@@ -323,7 +323,7 @@ def test_kd_weighted_sum_with_renormalised_teacher() -> None:
 
 def test_kd_rejects_bad_temperature() -> None:
     with pytest.raises(ValueError, match="temperature"):
-        KD(teacher=TeacherSpec("test_resnet"), temperature=0.0, **COMMON_KWARGS)
+        KD(teacher=TeacherSpec("test_resnet", weights="random"), temperature=0.0, **COMMON_KWARGS)
 
 
 # ---- parity: kdzoo KD through Lightning == a plain PyTorch loop ------------------------------
@@ -336,7 +336,7 @@ def test_kd_parity_with_plain_pytorch_loop(tmp_path: Path) -> None:
     steps, batch_size, lr, temperature, ce_weight, kd_weight = 3, 8, 0.1, 4.0, 0.5, 0.5
     L.seed_everything(0, verbose=False)
     module = KD(
-        teacher=TeacherSpec("test_resnet"),
+        teacher=TeacherSpec("test_resnet", weights="random"),
         temperature=temperature,
         ce_weight=ce_weight,
         kd_weight=kd_weight,

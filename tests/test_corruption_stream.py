@@ -340,7 +340,11 @@ def test_no_training_loaders():
 
 # -- through the kdzoo command -------------------------------------------------------------------
 
-SOURCE = ["--model=kdzoo.methods.tta.Source", "--model.source.name=test_resnet"]
+SOURCE = [
+    "--model=kdzoo.methods.tta.Source",
+    "--model.source.name=test_resnet",
+    "--model.source.weights=random",
+]
 
 
 def test_cli_parses_and_links_the_stream_to_the_model(tmp_path, capsys, monkeypatch):

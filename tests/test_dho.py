@@ -42,7 +42,12 @@ COMMON = {"student": "test_resnet", "num_classes": NUM_CLASSES, "in_chans": 1, "
 
 
 def build(seed: int = 0, **overrides) -> DualHeadDistillation:
-    kwargs = {**COMMON, "std": STD, "teacher": TeacherSpec("test_resnet"), **overrides}
+    kwargs = {
+        **COMMON,
+        "std": STD,
+        "teacher": TeacherSpec("test_resnet", weights="random"),
+        **overrides,
+    }
     torch.manual_seed(seed)
     return DualHeadDistillation(**kwargs)
 
@@ -118,7 +123,7 @@ def test_forward_predict_and_heads() -> None:
 
 
 def test_loss_matches_formula_with_renormalised_teacher() -> None:
-    teacher = TeacherSpec("test_resnet", mean=(0.2,), std=(0.5,))
+    teacher = TeacherSpec("test_resnet", weights="random", mean=(0.2,), std=(0.5,))
     module = silence(build(teacher=teacher, ce_weight=0.3, kd_weight=0.7, temperature=2.0)).eval()
     (x, y), (x_u, _) = images(4, seed=3), images(6, seed=4)
     with torch.no_grad():
@@ -207,7 +212,7 @@ def test_no_gradient_crosses_between_heads() -> None:
         ({"beta": 0.0}, "beta"),
         ({"kd_weight": -1.0}, "kd_weight"),
         ({"warmup_fraction": 1.0}, "warmup_fraction"),
-        ({"teacher": TeacherSpec("test_resnet", num_classes=3)}, "3 classes"),
+        ({"teacher": TeacherSpec("test_resnet", weights="random", num_classes=3)}, "3 classes"),
         ({"student": "no_such_net"}, "unknown timm model"),
     ],
 )

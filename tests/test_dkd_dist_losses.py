@@ -458,7 +458,7 @@ COMMON_KWARGS: dict[str, Any] = {
 
 def build(cls, **kwargs: Any):
     torch.manual_seed(0)
-    return cls(teacher=TeacherSpec("test_resnet"), **COMMON_KWARGS, **kwargs)
+    return cls(teacher=TeacherSpec("test_resnet", weights="random"), **COMMON_KWARGS, **kwargs)
 
 
 def make_batch(n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,7 +62,9 @@ def test_exported_folder_and_hub_name_are_teachers(tmp_path, exported) -> None:
     cached = tmp_path / "home/hub" / NAME / "model.safetensors"
     assert cached.read_bytes() == (exported / "model.safetensors").read_bytes()
     assert "0 not ok" in kdzoo("hub", "verify", cwd=tmp_path, env=env).stdout
-    config = yaml.safe_load((tmp_path / "runs/lightning_logs/version_1/config.yaml").read_text())
+    config = yaml.safe_load(
+        (tmp_path / "runs/kd-test_efficientnet-test_resnet/version_1/config.yaml").read_text()
+    )
     assert config["model"]["init_args"]["teacher"]["weights"] == f"hub:{NAME}"
 
 

@@ -60,7 +60,12 @@ DIGITS = [
 RUNS: dict[str, tuple[str, list[str], list[str]]] = {
     "KD": (
         "test_efficientnet.kd_test_resnet_digits",
-        ["--model=KD", "--model.student=test_efficientnet", "--model.teacher.name=test_resnet"],
+        [
+            "--model=KD",
+            "--model.student=test_efficientnet",
+            "--model.teacher.name=test_resnet",
+            "--model.teacher.weights=random",
+        ],
         [],
     ),
     "ND": (
@@ -69,13 +74,19 @@ RUNS: dict[str, tuple[str, list[str], list[str]]] = {
             "--model=ND",
             "--model.student=test_resnet",
             "--model.teacher.name=test_efficientnet",
+            "--model.teacher.weights=random",
             "--model.warmup_epochs=0",
         ],
         [],
     ),
     "DKD": (
         "resnet8.dkd_test_resnet_digits-rgb",
-        ["--model=DKD", "--model.student=resnet8", "--model.teacher.name=test_resnet"],
+        [
+            "--model=DKD",
+            "--model.student=resnet8",
+            "--model.teacher.name=test_resnet",
+            "--model.teacher.weights=random",
+        ],
         ["--data.grey_to_rgb=true"],
     ),
 }

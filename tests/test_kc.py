@@ -343,7 +343,7 @@ def test_supervised_label_smoothing_is_softmax_only() -> None:
 def build(**overrides) -> KnowledgeConcentration:
     kwargs = {
         **COMMON,
-        "specialists": [TeacherSpec("test_resnet") for _ in VERTICALS],
+        "specialists": [TeacherSpec("test_resnet", weights="random") for _ in VERTICALS],
         "verticals": VERTICALS,
         "hidden": (16, 8),
         **overrides,
@@ -455,15 +455,15 @@ def test_verticals_must_partition_the_classes(verticals, fragments) -> None:
 
 def test_specialists_must_fit_their_verticals(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="one specialist per vertical: got 2 specialists and 3"):
-        build(specialists=[TeacherSpec("test_resnet")] * 2)
+        build(specialists=[TeacherSpec("test_resnet", weights="random")] * 2)
     with pytest.raises(
         ConfigError, match=r"specialists\[1\].num_classes=4 but verticals\[1\] has 3"
     ):
         build(
             specialists=[
-                TeacherSpec("test_resnet"),
-                TeacherSpec("test_resnet", num_classes=4),
-                TeacherSpec("test_resnet"),
+                TeacherSpec("test_resnet", weights="random"),
+                TeacherSpec("test_resnet", weights="random", num_classes=4),
+                TeacherSpec("test_resnet", weights="random"),
             ]
         )
     # A specialist checkpoint trained with --data.classes in another order.
@@ -481,9 +481,9 @@ def test_specialists_must_fit_their_verticals(tmp_path: Path) -> None:
         path,
     )
     specialists = [
-        TeacherSpec("test_resnet"),
+        TeacherSpec("test_resnet", weights="random"),
         TeacherSpec("test_resnet", weights=str(path)),
-        TeacherSpec("test_resnet"),
+        TeacherSpec("test_resnet", weights="random"),
     ]
     with pytest.raises(
         ConfigError, match=r"trained on classes \[7, 5, 9\].*verticals\[1\] is \[5, 7, 9\]"
@@ -502,7 +502,7 @@ def test_specialists_must_fit_their_verticals(tmp_path: Path) -> None:
         WeightsError, match=r"specialists\[1\] for verticals\[1\]=\[5, 7, 9\]"
     ) as info:
         build(specialists=specialists)
-    assert "predicts 10 classes but the model was built for 3" in str(info.value)
+    assert "trained on 10 classes and verticals[1] has 3" in str(info.value)
 
 
 def test_fit_with_a_lightning_trainer(tmp_path: Path) -> None:
@@ -514,7 +514,10 @@ def test_fit_with_a_lightning_trainer(tmp_path: Path) -> None:
         in_chans=data.in_chans,
         mean=data.mean,
         std=data.std,
-        specialists=[TeacherSpec("test_resnet"), TeacherSpec("test_resnet")],
+        specialists=[
+            TeacherSpec("test_resnet", weights="random"),
+            TeacherSpec("test_resnet", weights="random"),
+        ],
         verticals=[[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]],
         top_k=3,
         label_weight=0.1,
@@ -618,7 +621,7 @@ def test_cli_specialists_then_kc_then_test(tmp_path: Path) -> None:
         "fit", "-c", "kc.yaml", *SMALL_DATA, *QUIET, "--trainer.max_epochs=1",
         "--trainer.log_every_n_steps=2", cwd=tmp_path,
     )  # fmt: skip
-    run = tmp_path / "runs/lightning_logs/version_0"
+    run = tmp_path / "runs/knowledgeconcentration-test_resnet-specialists/version_0"
     fitted = last_metrics(run)
     assert math.isfinite(fitted["train/loss_kc"]) and 0.0 <= fitted["val/top1"] <= 1.0
     best = next((run / "checkpoints").glob("best-*.ckpt"))
@@ -626,7 +629,7 @@ def test_cli_specialists_then_kc_then_test(tmp_path: Path) -> None:
     assert not [k for k in state if k.startswith("teacher.")] and "student.model.fc.gamma" in state
     out = kdzoo("test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
     assert "test/top1" in out.stdout
-    assert 0.0 <= last_metrics(tmp_path / "runs/lightning_logs/version_1")["test/top1"] <= 1.0
+    assert 0.0 <= last_metrics(run.parent / "version_1")["test/top1"] <= 1.0
 
 
 @pytest.mark.slow

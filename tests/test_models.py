@@ -141,7 +141,7 @@ def test_backbone_rejects_bad_num_classes() -> None:
 def make_teacher(**kwargs) -> Teacher:
     torch.manual_seed(0)
     return build_teacher(
-        TeacherSpec("test_resnet", **kwargs),
+        TeacherSpec("test_resnet", **{"weights": "random", **kwargs}),
         num_classes=10,
         in_chans=1,
         student_mean=STUDENT_MEAN,
@@ -204,7 +204,9 @@ def test_teacher_no_renormalisation(mean, std) -> None:
 def test_teacher_without_student_normalisation_does_not_renormalise() -> None:
     torch.manual_seed(0)
     teacher = build_teacher(
-        TeacherSpec("test_resnet", mean=(0.2,), std=(0.5,)), num_classes=10, in_chans=1
+        TeacherSpec("test_resnet", weights="random", mean=(0.2,), std=(0.5,)),
+        num_classes=10,
+        in_chans=1,
     )
     assert not teacher.renormalise
 
@@ -307,8 +309,8 @@ def test_wrong_number_of_classes(source) -> None:
             TeacherSpec("test_resnet", weights=str(paths["ckpt"])), num_classes=5, in_chans=1
         )
     message = str(info.value)
-    assert "predicts 10 classes" in message
-    assert "built for 5" in message
+    assert "must predict the same classes" in message
+    assert "trained on 10 classes and the data has 5" in message
 
 
 @pytest.mark.parametrize("other", ["test_convnext", "test_efficientnet"])

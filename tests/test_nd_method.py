@@ -35,7 +35,7 @@ COMMON = {"num_classes": NUM_CLASSES, "in_chans": 1, "mean": (0.5,), "std": (0.2
 
 def build(student: str = "test_resnet", teacher: str = "test_efficientnet", **kwargs) -> ND:
     torch.manual_seed(0)
-    return ND(teacher=TeacherSpec(teacher), student=student, **COMMON, **kwargs)
+    return ND(teacher=TeacherSpec(teacher, weights="random"), student=student, **COMMON, **kwargs)
 
 
 def batch(n: int = 8, seed: int = 0, size: int = 32):
@@ -232,6 +232,6 @@ def test_nd_cli_ddp_class_means_equal_single_process(tmp_path, teacher_ckpt) -> 
     single_means = load_file(single_file)["class_means"]
     assert single_means.shape == (10, 96)  # test_resnet teacher: 96-wide embeddings
     torch.testing.assert_close(load_file(ddp_file)["class_means"], single_means)
-    metrics = last_metrics(tmp_path / "runs/lightning_logs/version_1")
+    metrics = last_metrics(tmp_path / "runs/nd-test_efficientnet-test_resnet/version_1")
     assert 0.0 <= metrics["val/top1"] <= 1.0
     assert metrics["train/loss_nd"] >= 0.0

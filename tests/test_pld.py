@@ -422,7 +422,7 @@ COMMON_KWARGS: dict[str, Any] = {
 
 
 def build_pld(**overrides: Any) -> PLD:
-    kwargs = {"teacher": TeacherSpec("test_resnet"), **COMMON_KWARGS, **overrides}
+    kwargs = {"teacher": TeacherSpec("test_resnet", weights="random"), **COMMON_KWARGS, **overrides}
     torch.manual_seed(0)
     return PLD(**kwargs)
 
@@ -475,12 +475,15 @@ def test_training_step_gradients_reach_student_only(monkeypatch: pytest.MonkeyPa
 
 def test_teacher_with_other_number_of_classes_raises() -> None:
     with pytest.raises(ConfigError) as info:
-        build_pld(teacher=TeacherSpec("test_resnet", num_classes=5))
+        build_pld(teacher=TeacherSpec("test_resnet", weights="random", num_classes=5))
     message = str(info.value)
     assert "PLD needs teacher and student to predict the same classes" in message
     assert "teacher.num_classes=5" in message and "has 10" in message
     # The same teacher over the student's 10 classes is fine.
-    assert build_pld(teacher=TeacherSpec("test_resnet", num_classes=10)).teacher is not None
+    assert (
+        build_pld(teacher=TeacherSpec("test_resnet", weights="random", num_classes=10)).teacher
+        is not None
+    )
 
 
 @pytest.mark.parametrize(

@@ -39,7 +39,12 @@ def digits(train_subset: int = 64) -> dict:
 def make(cls, **kwargs):
     torch.manual_seed(0)
     return cls(
-        source=TeacherSpec("test_resnet"), num_classes=10, in_chans=1, mean=MEAN, std=STD, **kwargs
+        source=TeacherSpec("test_resnet", weights="random"),
+        num_classes=10,
+        in_chans=1,
+        mean=MEAN,
+        std=STD,
+        **kwargs,
     )
 
 

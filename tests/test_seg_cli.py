@@ -28,7 +28,12 @@ STUDENT = ["--model.student=test_resnet", "--model.head=fcn", "--checkpoint.moni
            "--trainer.log_every_n_steps=1"]  # fmt: skip
 
 
-def _run_dir(cwd: Path, name: str = "lightning_logs", version: int = 0) -> Path:
+def _run_dir(cwd: Path, name: str | None = None, version: int = 0) -> Path:
+    """``runs/<name>/version_N``; without a name, the test's only run (named by kdzoo from its
+    method and student, e.g. ``fst-test_resnet``)."""
+    if name is None:
+        (run,) = (cwd / "runs").iterdir()
+        name = run.name
     return cwd / "runs" / name / f"version_{version}"
 
 

@@ -127,7 +127,12 @@ COMMON = {"num_classes": 10, "in_chans": 1, "mean": (0.5,), "std": (0.25,)}
 
 def build(**kwargs) -> TGeoKD:
     torch.manual_seed(0)
-    return TGeoKD(teacher=TeacherSpec("test_resnet"), student="test_resnet", **COMMON, **kwargs)
+    return TGeoKD(
+        teacher=TeacherSpec("test_resnet", weights="random"),
+        student="test_resnet",
+        **COMMON,
+        **kwargs,
+    )
 
 
 def batch(n: int = 8, seed: int = 0):
@@ -242,10 +247,10 @@ def test_tgeo_cli_fit_and_test(tmp_path, teacher_ckpt) -> None:
         "--model.outer_every=2", *DATA, *QUIET, "--trainer.max_epochs=1",
         "--trainer.log_every_n_steps=1", cwd=tmp_path,
     )  # fmt: skip
-    run = tmp_path / "runs/lightning_logs/version_0"
+    run = tmp_path / "runs/tgeokd-test_efficientnet-test_resnet/version_0"
     metrics = last_metrics(run)
     assert 0.0 < metrics["train/alpha"] < 1.0
     assert 0.0 <= metrics["val/top1"] <= 1.0
     best = next((run / "checkpoints").glob("best-*.ckpt"))
     kdzoo("test", "-c", str(run / "config.yaml"), f"--ckpt_path={best}", cwd=tmp_path)
-    assert 0.0 <= last_metrics(tmp_path / "runs/lightning_logs/version_1")["test/top1"] <= 1.0
+    assert 0.0 <= last_metrics(run.parent / "version_1")["test/top1"] <= 1.0

@@ -49,7 +49,7 @@ BATCH = 8
 # Digits' normalisation: RMT and PSMT check that their source data (Digits) matches the stream.
 MEAN, STD = (0.3053,), (0.3759,)
 COMMON_KWARGS: dict[str, Any] = {
-    "source": TeacherSpec("test_resnet"),
+    "source": TeacherSpec("test_resnet", weights="random"),
     "num_classes": NUM_CLASSES,
     "in_chans": 1,
     "mean": MEAN,
@@ -187,7 +187,7 @@ def test_predictions_and_no_gradient_outside_the_trainable_set(cls) -> None:
 @pytest.mark.parametrize("cls", METHODS, ids=METHOD_IDS)
 def test_eval_mode_and_batch_statistics_while_adapting(cls) -> None:
     # Dropout in the source (timm's head dropout), so that train mode would show.
-    source = TeacherSpec("test_resnet", model_kwargs={"drop_rate": 0.5})
+    source = TeacherSpec("test_resnet", weights="random", model_kwargs={"drop_rate": 0.5})
     module = build(cls, source=source, batch_norm="batch")
     modes: list[list[str]] = []
 

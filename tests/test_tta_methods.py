@@ -29,7 +29,7 @@ from kdzoo.models import TeacherSpec
 NUM_CLASSES = 10
 MEAN, STD = (0.5,), (0.25,)
 COMMON: dict[str, Any] = {
-    "source": TeacherSpec("test_resnet"),
+    "source": TeacherSpec("test_resnet", weights="random"),
     "num_classes": NUM_CLASSES,
     "in_chans": 1,
     "mean": MEAN,
@@ -577,7 +577,9 @@ def test_ddp_two_processes_adapt_like_one(tmp_path: Path, teacher_ckpt: Path) ->
 def test_gradual_logs_the_severity5_mean_too(monkeypatch: pytest.MonkeyPatch) -> None:
     from kdzoo.methods.tta import BNAdapt
 
-    module = BNAdapt(source=TeacherSpec("test_resnet"), num_classes=10, in_chans=1)
+    module = BNAdapt(
+        source=TeacherSpec("test_resnet", weights="random"), num_classes=10, in_chans=1
+    )
     names = ["fog-1", "fog-5", "fog-1#2", "snow-1", "snow-5", "snow-1#2"]
     monkeypatch.setattr(module, "_domain_names", lambda: dict(enumerate(names)))
     module._errors = {d: [e, 100] for d, e in enumerate([10, 40, 20, 30, 60, 10])}

@@ -45,11 +45,11 @@ def build_parser() -> ArgumentParser:
         help=f"comma-separated subset of {','.join(STRATEGIES)} (default: active.strategies)",
     )  # fmt: skip
     run.add_argument("--fast", action="store_true", help="apply the config's active.fast preset")
-    subcommands.add_subcommand("run", run)
+    subcommands.add_subcommand("run", run, help=run.description)
     render = ArgumentParser(description="Redraw active.md and active.png from rounds.csv.")
     render.add_argument("--out", type=Path, required=True, help="results directory")
     render.add_argument("--title", type=str, default="kdzoo active")
-    subcommands.add_subcommand("render", render)
+    subcommands.add_subcommand("render", render, help=render.description)
     return parser
 
 

@@ -23,6 +23,7 @@ from kdzoo.datamodules.base import (
     ImageClassificationDataModule,
     ReseedingDataLoader,
     TransformedDataset,
+    loader_start,
     seed_worker,
 )
 
@@ -195,6 +196,7 @@ class ActiveDataModule(L.LightningDataModule):
             persistent_workers=workers > 0,
             worker_init_fn=seed_worker,
             drop_last=False,
+            **loader_start(self.trainer, train=shuffle),
         )
 
     def _require(self, dataset: Any) -> Any:

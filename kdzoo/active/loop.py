@@ -8,9 +8,9 @@
    unlabelled pool.
 2. Every round ``r = 0..R`` builds a *fresh* module (same seed, so the same initial weights: the
    student is re-initialised, never fine-tuned from the previous round) and datamodule through
-   :class:`~kdzoo.cli.KDCLI`, exactly as ``kdzoo fit`` would from the same config, trains it on the
-   labelled set and the pool (:class:`~kdzoo.active.data.ActiveDataModule`), tests the final
-   weights, runs the student over the pool and the labelled set (:mod:`kdzoo.active.pool`) and
+   :class:`~kdzoo.lightning_cli.KDCLI`, exactly as ``kdzoo fit`` would from the same config, trains
+   it on the labelled set and the pool (:class:`~kdzoo.active.data.ActiveDataModule`), tests the
+   final weights, runs the student over the pool and the labelled set (:mod:`kdzoo.active.pool`) and
    selects ``budget`` images (:mod:`kdzoo.active.strategies`), whose labels are revealed for round
    ``r + 1``. The last round selects too (what a further round would label), so ``rounds`` can be
    raised later and the run resumed without retraining anything.
@@ -44,8 +44,8 @@ from kdzoo.active.data import ActiveDataModule, IndexedDataset, initial_labelled
 from kdzoo.active.pool import predict_pool
 from kdzoo.active.report import render, sync_rows
 from kdzoo.active.strategies import STRATEGIES, select
-from kdzoo.cli import KDCLI
 from kdzoo.errors import ConfigError
+from kdzoo.lightning_cli import KDCLI
 
 __all__ = ["ActiveCLI", "ActiveConfig", "run_active"]
 
@@ -125,7 +125,7 @@ class ActiveConfig:
 
 
 class ActiveCLI(KDCLI):
-    """:class:`~kdzoo.cli.KDCLI` that also accepts the ``active:`` block of a config."""
+    """:class:`~kdzoo.lightning_cli.KDCLI` that also accepts the ``active:`` block of a config."""
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)

@@ -10,13 +10,16 @@ Every DataModule here follows one contract so that a LightningCLI config can swa
 - downloads happen only in ``prepare_data()`` and only with ``download=True``;
 - ``setup()`` splits the official train set into train/val with its own seeded generator, so the
   split never depends on (or disturbs) the global RNG;
-- augmentations are albumentations pipelines whose RNG is reseeded from torch's RNG at every epoch
-  (see :class:`ReseedingDataLoader` and :func:`seed_worker`), so a run under
-  ``lightning.seed_everything`` is bit-identical on CPU with or without worker processes.
+- augmentations are albumentations pipelines; through a :class:`ReseedingDataLoader`, the order of
+  epoch ``e`` is a function of ``(loader seed, e)`` and the augmentation of item ``j`` in epoch
+  ``e`` a function of ``(loader seed, e, j)`` only, whatever the number of worker processes or
+  ranks. The loader seed is drawn from torch's RNG when the loader is built, so runs under
+  ``lightning.seed_everything`` are bit-identical on CPU, and nothing the loaders do consumes the
+  global RNG: a run resumed at an epoch boundary (see :mod:`kdzoo.checkpointing`) sees the same
+  batches as the run that was never interrupted.
 """
 
 import os
-import random
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,11 +28,18 @@ from typing import Any
 import albumentations as A
 import lightning as L
 import numpy as np
-import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from lightning.fabric.utilities.data import AttributeDict
+from torch.utils.data import DataLoader
 
-from kdzoo.errors import KDZooError
+from kdzoo.datamodules.loading import (
+    ArrayDataset,
+    ReseedingDataLoader,
+    TransformedDataset,
+    loader_start,
+    seed_worker,
+)
+from kdzoo.errors import DataError, KDZooError
 
 Transforms = Sequence[A.BasicTransform | A.BaseCompose] | A.BaseCompose
 # One expected file, or a tuple of acceptable alternatives (e.g. plain or gzipped).
@@ -38,10 +48,6 @@ Expected = str | tuple[str, ...]
 
 class DatasetNotFoundError(KDZooError, FileNotFoundError):
     """A dataset's files are in none of the directories kdzoo looked in."""
-
-
-class DataError(KDZooError, ValueError):
-    """A DataModule argument is out of range, or a data file is malformed."""
 
 
 def _describe(item: Expected) -> str:
@@ -114,117 +120,36 @@ def default_cache_dir(subdir: str) -> Path:
     return Path.home() / ".cache" / "kdzoo" / "data" / subdir
 
 
-class TransformedDataset(Dataset, ABC):
-    """Base for datasets that run each item through an albumentations pipeline.
-
-    Albumentations 2.x keeps its own RNG, independent of numpy/torch global state, so reproducible
-    augmentation needs :meth:`reseed`; :class:`ReseedingDataLoader` and :func:`seed_worker` call it.
-    ``rank`` (the trainer's global rank) is mixed into the seed so DDP ranks, which share the
-    seed of ``seed_everything``, do not apply identical augmentation sequences.
-    """
-
-    def __init__(
-        self, targets: Any, transform: A.Compose, indices: Any = None, rank: int = 0
-    ) -> None:
-        self._targets = np.asarray(targets, dtype=np.int64)
-        n = len(self._targets)
-        self.indices = np.arange(n) if indices is None else np.asarray(indices, dtype=np.int64)
-        self.transform = transform
-        self.rank = rank
-        # A fixed start so that indexing the dataset directly is reproducible too; the loaders
-        # reseed at every epoch.
-        self.reseed(0)
-
-    @property
-    def targets(self) -> np.ndarray:
-        """Labels of the items in this dataset (after split and subset)."""
-        return self._targets[self.indices]
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        j = int(self.indices[i])
-        image = self.transform(image=self.load_image(j))["image"]
-        return image, int(self._targets[j])
-
-    @abstractmethod
-    def load_image(self, j: int) -> np.ndarray:
-        """The uint8 ``H x W x C`` image at position ``j`` of the underlying data."""
-
-    def reseed(self, seed: int) -> None:
-        """Restart the augmentation RNG from ``seed`` (mixed with ``rank``)."""
-        mixed = int(np.random.SeedSequence([seed, self.rank]).generate_state(1)[0])
-        # One shared generator for the whole pipeline: ``Compose.set_random_seed`` would give
-        # every transform its own generator with the same seed, correlating e.g. crop and flip.
-        self.transform.set_random_state(np.random.default_rng(mixed), random.Random(mixed))
-
-
-class ArrayDataset(TransformedDataset):
-    """In-memory uint8 images ``(N, H, W, C)`` with integer labels, viewed through ``indices``."""
-
-    def __init__(
-        self,
-        images: np.ndarray,
-        targets: Any,
-        transform: A.Compose,
-        indices: Any = None,
-        rank: int = 0,
-    ) -> None:
-        if images.ndim != 4 or images.dtype != np.uint8:
-            raise DataError(
-                f"images must be a uint8 array (N, H, W, C), got {images.dtype} {images.shape}"
-            )
-        if len(images) != len(targets):
-            raise DataError(f"{len(images)} images but {len(targets)} labels")
-        super().__init__(targets, transform, indices, rank)
-        self.images = images
-
-    def load_image(self, j: int) -> np.ndarray:
-        return self.images[j]
-
-
-def seed_worker(worker_id: int) -> None:
-    """``worker_init_fn`` seeding numpy, ``random`` and the dataset's augmentations.
-
-    torch has already seeded this worker with ``base_seed + worker_id``; ``base_seed`` is drawn from
-    the main process's torch RNG when the workers start, so it is fixed by ``seed_everything`` and
-    new for every epoch (with persistent workers, each worker's streams simply carry on). Lightning
-    installs its own seeding only for loaders without a ``worker_init_fn``, so this one must also
-    cover numpy and ``random``.
-    """
-    info = get_worker_info()
-    dataset = info.dataset if info is not None else None
-    rank = getattr(dataset, "rank", 0)
-    np_seed, py_seed = np.random.SeedSequence([torch.initial_seed(), rank]).generate_state(2)
-    np.random.seed(int(np_seed))
-    random.seed(int(py_seed))
-    if isinstance(dataset, TransformedDataset):
-        dataset.reseed(torch.initial_seed())
-
-
-class ReseedingDataLoader(DataLoader):
-    """A DataLoader that reseeds the dataset's augmentations at each epoch in the main process.
-
-    With ``num_workers=0`` no ``worker_init_fn`` runs, so the seed is drawn here from torch's RNG
-    (the loader's ``generator`` if any) each time an epoch's iterator is created: deterministic
-    under ``seed_everything``, different for every epoch. It keeps DataLoader's own signature so
-    Lightning can re-instantiate it (e.g. to insert a DistributedSampler).
-    """
-
-    def __iter__(self):
-        if self.num_workers == 0 and isinstance(self.dataset, TransformedDataset):
-            seed = torch.empty((), dtype=torch.int64).random_(generator=self.generator).item()
-            self.dataset.reseed(int(seed))
-        return super().__iter__()
-
-
 def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
     if not ok:
         raise DataError(f"{name} must be {accepted}, got {value!r}")
 
 
-class ImageClassificationDataModule(L.LightningDataModule, ABC):
+#: The DataModule properties the ``kdzoo`` command passes to the model's arguments of the same
+#: name (a DataModule without one of them simply does not link it).
+LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "mean", "std", "modality_shapes")
+
+
+class ResolvedHparamsMixin:
+    """Log the resolved value of each argument that the ``kdzoo`` command links into the model.
+
+    An argument such as ``mean=None`` (the dataset's default) or ``in_chans=1`` with
+    ``grey_to_rgb`` resolves to another value, which the model receives. Lightning merges the
+    DataModule's and the model's ``hparams_initial`` before logging them and refuses shared keys
+    whose values differ, so the logged record holds the resolved values. ``hparams`` keeps the
+    arguments as given, so a DataModule saved in a checkpoint is rebuilt as it was configured.
+    """
+
+    @property
+    def hparams_initial(self) -> AttributeDict:
+        hparams = super().hparams_initial
+        for key in LINKED_DATA_ATTRIBUTES:
+            if key in hparams:
+                hparams[key] = getattr(self, key)
+        return hparams
+
+
+class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC):
     """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``.
 
     Subclasses set the class attributes describing their data and implement :meth:`load_data`,
@@ -511,6 +436,7 @@ class ImageClassificationDataModule(L.LightningDataModule, ABC):
             persistent_workers=workers > 0,
             worker_init_fn=seed_worker,
             drop_last=False,
+            **loader_start(self.trainer, train=shuffle),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -4,14 +4,20 @@ Splits: the ``train`` folder is split (seeded, ``val_fraction``) into train and 
 ``val`` folder is the *test* split, since ImageNet-style datasets publish labelled validation
 images but no labelled test set, and papers report accuracy on that folder. Images are read lazily
 with PIL, so the dataset never has to fit in memory.
+
+A user's folder is checked as it is read: a class folder without images, or a file PIL cannot
+decode, is an error that names it (``skip_broken_images`` drops unreadable files instead).
+``kdzoo predict`` runs over any split (``predict_split``) or over a folder of unlabelled images
+(``predict_dir``), and writes each prediction with its file and class name.
 """
 
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from kdzoo.datamodules.base import (
     DataError,
@@ -29,6 +35,34 @@ IMAGENET_GREY_MEAN = (0.449,)
 IMAGENET_GREY_STD = (0.226,)
 # Eval resizes the shorter side to image_size / CROP_PCT, then centre-crops (the usual 0.875).
 CROP_PCT = 0.875
+SKIP_HINT = "pass --data.skip_broken_images true to skip every unreadable image"
+#: How many skipped files are named in the report of ``skip_broken_images``.
+SHOW_SKIPPED = 5
+
+
+def read_image(path: Path, mode: str) -> np.ndarray:
+    """The uint8 ``H x W x C`` pixels of ``path`` in PIL ``mode``.
+
+    Raises:
+        DataError: naming the file, if PIL cannot identify or fully decode it.
+    """
+    try:
+        with Image.open(path) as image:
+            # PIL decodes lazily: load() here, so that a truncated file fails inside the try.
+            image.load()
+            pixels = np.asarray(image.convert(mode), dtype=np.uint8)
+    except UnidentifiedImageError:
+        raise DataError(
+            f"cannot read image {path}: not an image file PIL can identify; remove it, or "
+            f"{SKIP_HINT}"
+        ) from None
+    # OSError: truncated or corrupt data; SyntaxError: how some PIL decoders report bad chunks.
+    except (OSError, SyntaxError) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(
+            f"cannot read image {path}: {reason}; fix or remove it, or {SKIP_HINT}"
+        ) from None
+    return pixels[..., None] if pixels.ndim == 2 else pixels
 
 
 class ImageFileDataset(TransformedDataset):
@@ -53,9 +87,7 @@ class ImageFileDataset(TransformedDataset):
         return [self._paths[i] for i in self.indices]
 
     def load_image(self, j: int) -> np.ndarray:
-        with Image.open(self._paths[j]) as image:
-            pixels = np.asarray(image.convert(self.mode), dtype=np.uint8)
-        return pixels[..., None] if pixels.ndim == 2 else pixels
+        return read_image(self._paths[j], self.mode)
 
 
 def _class_dirs(directory: Path) -> list[str]:
@@ -65,18 +97,37 @@ def _class_dirs(directory: Path) -> list[str]:
     return sorted(p.name for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def _image_files(directory: Path, recursive: bool = False) -> list[Path]:
+    """Sorted files with an image extension in ``directory`` (and its visible sub-folders)."""
+    found = directory.rglob("*") if recursive else directory.iterdir()
+    return sorted(
+        p for p in found
+        if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    )  # fmt: skip
+
+
+def _empty_class_error(folder: Path, what: str = "no images") -> DataError:
+    return DataError(
+        f"class folder {folder} has {what} (extensions {', '.join(IMG_EXTENSIONS)}), so its "
+        "class could never be learnt or tested: remove the folder or add images to it"
+    )
+
+
 def scan_folder(directory: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    """Image files under ``directory/<class>/`` and their class indices, in a fixed order."""
+    """Image files under ``directory/<class>/`` and their class indices, in a fixed order.
+
+    Raises:
+        DataError: naming the first class folder that holds no image file (files without an
+            image extension do not count): the model would get an output no image ever has.
+    """
     paths, targets = [], []
     for index, name in enumerate(classes):
-        files = sorted(
-            p for p in (directory / name).iterdir()
-            if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS
-        )  # fmt: skip
+        files = _image_files(directory / name)
+        if not files:
+            raise _empty_class_error(directory / name)
         paths += files
         targets += [index] * len(files)
-    if not paths:
-        raise DatasetNotFoundError(f"{directory}: no images with extensions {IMG_EXTENSIONS}")
     return paths, targets
 
 
@@ -87,10 +138,21 @@ class ImageFolder(ImageClassificationDataModule):
     Train: RandomResizedCrop(image_size, scale=(0.08, 1)) + horizontal flip. Eval: resize the
     shorter side to ``int(image_size / 0.875)``, centre-crop ``image_size``.
 
+    Every class folder must hold at least one image file (a ``DataError`` names an empty one),
+    and a file PIL cannot decode is a ``DataError`` naming it when it is read.
+
     Args:
         in_chans: 3 reads RGB, 1 reads greyscale.
         mean: normalisation mean (default ImageNet's, or its channel average for ``in_chans=1``).
         std: normalisation std (as ``mean``).
+        skip_broken_images: in ``setup()``, decode every file once and leave out those PIL
+            cannot read (not an image, truncated, corrupt), printing how many were skipped and
+            the first names; ``False`` (default) fails on the first one read instead.
+        predict_split: the split ``kdzoo predict`` runs over: ``"test"`` (the ``val`` folder),
+            ``"val"`` or ``"train"`` (with the eval transforms, never the augmentations).
+        predict_dir: predict over the images of this folder instead, searched recursively
+            (sub-folders need not be classes, no labels needed), with the eval transforms. The
+            class names still come from ``root/train``.
         Other arguments: see :class:`ImageClassificationDataModule`.
     """
 
@@ -114,6 +176,9 @@ class ImageFolder(ImageClassificationDataModule):
         in_chans: int = 3,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
+        skip_broken_images: bool = False,
+        predict_split: Literal["test", "val", "train"] = "test",
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__(
             root=root,
@@ -138,6 +203,15 @@ class ImageFolder(ImageClassificationDataModule):
                 raise DataError(f"{arg} must have in_chans={in_chans} values, got {values!r}")
         if min(self.native_std) <= 0:
             raise DataError(f"std values must be > 0, got {self.native_std!r}")
+        if predict_split not in ("test", "val", "train"):
+            raise DataError(
+                f"predict_split must be 'test', 'val' or 'train', got {predict_split!r}"
+            )
+        self.skip_broken_images = skip_broken_images
+        self.predict_split = predict_split
+        self.predict_dir = predict_dir
+        #: The files ``skip_broken_images`` left out, filled by ``setup()``.
+        self.skipped_images: list[Path] = []
         self._classes: list[str] | None = None
 
     def how_to_get(self) -> list[str]:
@@ -171,11 +245,80 @@ class ImageFolder(ImageClassificationDataModule):
                 f"{root / 'val'} must have the same class folders as {root / 'train'}; "
                 f"missing: {missing}, not in train: {extra}"
             )
-        return scan_folder(root / "train", classes), scan_folder(root / "val", classes)
+        train, test = scan_folder(root / "train", classes), scan_folder(root / "val", classes)
+        if self.skip_broken_images:
+            train = self._readable(root / "train", *train)
+            test = self._readable(root / "val", *test)
+        return train, test
+
+    def _readable(
+        self, folder: Path, paths: list[Path], targets: list[int]
+    ) -> tuple[list[Path], list[int]]:
+        """``paths`` and ``targets`` without the files PIL cannot decode (kept in
+        ``skipped_images``); an error if that leaves a class without images."""
+        keep = self._decodable(paths)
+        paths = [p for p, ok in zip(paths, keep, strict=True) if ok]
+        targets = [t for t, ok in zip(targets, keep, strict=True) if ok]
+        emptied = sorted(set(range(self.num_classes)) - set(targets))
+        if emptied:
+            raise _empty_class_error(folder / self.class_names[emptied[0]], "no readable images")
+        return paths, targets
+
+    def _decodable(self, paths: list[Path]) -> list[bool]:
+        """Whether each file decodes fully; the others are appended to ``skipped_images``."""
+        keep = []
+        for path in paths:
+            try:
+                read_image(path, self._mode)
+            except DataError:
+                self.skipped_images.append(path)
+                keep.append(False)
+            else:
+                keep.append(True)
+        return keep
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train is not None:
+            return
+        super().setup(stage)
+        self.predict = self._predict_dataset()
+        skipped = self.skipped_images
+        if skipped and (self.trainer is None or self.trainer.is_global_zero):
+            names = ", ".join(str(p) for p in skipped[:SHOW_SKIPPED])
+            more = f" and {len(skipped) - SHOW_SKIPPED} more" if len(skipped) > SHOW_SKIPPED else ""
+            print(
+                f"kdzoo: ImageFolder skipped {len(skipped)} unreadable "
+                f"image{'s' if len(skipped) != 1 else ''} (skip_broken_images): {names}{more}",
+                file=sys.stderr,
+            )
+
+    def _predict_dataset(self) -> TransformedDataset:
+        """The ``predict_dir`` images (label -1), else the ``predict_split``, eval transforms."""
+        if self.predict_dir is None and self.predict_split != "train":
+            return self.test if self.predict_split == "test" else self.val
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        transform = self.build_transform(train=False)
+        if self.predict_dir is None:  # the train split, without its augmentations
+            train = self.train
+            return self.make_dataset(train._paths, train._targets, train.indices, transform, rank)
+        directory = Path(self.predict_dir).expanduser()
+        paths = _image_files(directory, recursive=True) if directory.is_dir() else []
+        if self.skip_broken_images:
+            paths = [p for p, ok in zip(paths, self._decodable(paths), strict=True) if ok]
+        if not paths:
+            problem = "holds no readable image file" if directory.is_dir() else "is not a folder"
+            raise DataError(
+                f"predict_dir {directory} {problem} (searched recursively for the extensions "
+                f"{', '.join(IMG_EXTENSIONS)}): pass a folder of images"
+            )
+        return self.make_dataset(paths, [-1] * len(paths), None, transform, rank)
+
+    @property
+    def _mode(self) -> str:
+        return "RGB" if self.native_chans == 3 else "L"
 
     def make_dataset(self, items, targets, indices, transform, rank) -> TransformedDataset:
-        mode = "RGB" if self.native_chans == 3 else "L"
-        return ImageFileDataset(items, targets, transform, indices, rank, mode=mode)
+        return ImageFileDataset(items, targets, transform, indices, rank, mode=self._mode)
 
     def train_transforms(self) -> Transforms:
         size = (self.image_size, self.image_size)

@@ -19,7 +19,7 @@ def build_parser() -> ArgumentParser:
     export.add_argument("--name", type=str, required=True, help="timm arch.tag, e.g. resnet8.kd_x")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
-    commands.add_subcommand("export", export)
+    commands.add_subcommand("export", export, help=export.description)
 
     for name, text in (
         ("list", "Print the manifest as a table."),
@@ -27,12 +27,12 @@ def build_parser() -> ArgumentParser:
     ):
         sub = ArgumentParser(description=text)
         sub.add_argument("--manifest", type=Path | None, default=None, help="manifest file")
-        commands.add_subcommand(name, sub)
+        commands.add_subcommand(name, sub, help=sub.description)
 
     download = ArgumentParser(description="Download (and verify) one published checkpoint.")
     download.add_argument("name", type=str, help="a manifest entry name")
     download.add_argument("--manifest", type=Path | None, default=None, help="manifest file")
-    commands.add_subcommand("download", download)
+    commands.add_subcommand("download", download, help=download.description)
     return parser
 
 

@@ -16,11 +16,9 @@ from typing import Any
 
 import timm
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 import kdzoo.models  # noqa: F401  (registers the CIFAR nets, so their names resolve in timm)
-from kdzoo.models.weights import WeightsError
+from kdzoo.models.weights import WeightsError, load_safetensors
 
 __all__ = ["load_folder"]
 
@@ -69,7 +67,7 @@ def load_folder(path: str | os.PathLike) -> torch.nn.Module:
         raise WeightsError(
             f"hub folder not found: {path} (resolved from the current directory {Path.cwd()})"
         )
-    config = _read_config(folder / CONFIG_FILE)
+    config = read_config(folder / CONFIG_FILE)
     if not weights.is_file():
         raise WeightsError(f"{folder} has no {weights.name}: the export is incomplete")
 
@@ -95,24 +93,27 @@ def load_folder(path: str | os.PathLike) -> torch.nn.Module:
     model = timm.create_model(
         architecture, pretrained=False, num_classes=int(num_classes), **model_args
     )
-    try:
-        state = load_file(str(weights), device="cpu")
-    except (SafetensorError, OSError) as err:
-        raise WeightsError(f"cannot read {weights} as safetensors: {err}") from err
+    state = load_safetensors(weights)
     _load_strictly(model, state, weights, architecture)
     _set_pretrained_cfg(model, pretrained_cfg, architecture, weights)
     return model.eval()
 
 
-def _read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path) -> dict[str, Any]:
+    """The JSON object in an exported folder's ``config.json``, or a one-line
+    :class:`WeightsError` naming the file."""
     if not path.is_file():
         raise WeightsError(f"{path} not found: an exported folder has a {CONFIG_FILE}")
     try:
         config = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(f"{path} is not valid JSON: {err}") from err
+        raise WeightsError(
+            f"cannot read {path.parent}: {CONFIG_FILE} is not valid JSON ({path}: {err})"
+        ) from err
     if not isinstance(config, dict):
-        raise WeightsError(f"{path} does not hold a JSON object")
+        raise WeightsError(
+            f"cannot read {path.parent}: {CONFIG_FILE} does not hold a JSON object ({path})"
+        )
     return config
 
 

@@ -149,7 +149,8 @@ class DistillationModule(ClassificationModule):
         *args, **kwargs: see :class:`ClassificationModule`.
     """
 
-    #: Whether the method compares teacher and student outputs class by class.
+    #: Whether the method compares teacher and student outputs class by class. When False,
+    #: a teacher without ``num_classes`` keeps the number of classes its weights record.
     same_label_space: bool = True
 
     def __init__(self, teacher: TeacherSpec, **kwargs: Any) -> None:
@@ -157,21 +158,29 @@ class DistillationModule(ClassificationModule):
         if isinstance(teacher, Mapping):  # as stored in a checkpoint's hyper-parameters
             teacher = TeacherSpec(**teacher)
         hp = self.hparams
-        # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back.
-        hp.teacher = asdict(teacher)
+        if self.same_label_space and teacher.num_classes not in (None, hp.num_classes):
+            raise ConfigError(
+                f"{type(self).__name__} needs teacher and student to predict the same classes, "
+                f"but teacher.num_classes={teacher.num_classes} and the data has "
+                f"{hp.num_classes}: remove teacher.num_classes (the teacher must be trained on "
+                "this data's classes)"
+            )
         self.teacher: Teacher = build_teacher(
             teacher,
             num_classes=hp.num_classes,
             in_chans=hp.in_chans,
             student_mean=self.mean,
             student_std=self.std,
+            same_label_space=self.same_label_space,
+            requirement=(
+                f"{type(self).__name__}: teacher and student must predict the same classes"
+                if self.same_label_space
+                else None
+            ),
         )
-        if self.teacher.backbone.num_classes != hp.num_classes and self.same_label_space:
-            raise ConfigError(
-                f"{type(self).__name__} needs teacher and student to predict the same classes, "
-                f"but teacher.num_classes={teacher.num_classes} and the data has "
-                f"{hp.num_classes}: remove teacher.num_classes or use matching data"
-            )
+        # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back;
+        # with the architecture read from the weights when teacher.name was left out.
+        hp.teacher = {**asdict(teacher), "name": self.teacher.backbone.name}
         exclude_teacher_from_checkpoints(self)
 
     def teacher_forward(

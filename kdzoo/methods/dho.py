@@ -42,7 +42,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
 from kdzoo.methods.base import exclude_teacher_from_checkpoints, weighted_loss
 from kdzoo.models.clip_probe import linear_warmup_decay
-from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher
+from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher, check_clip_weights
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
 __all__ = ["DualHeadDistillation"]
@@ -150,6 +150,7 @@ class DualHeadDistillation(L.LightningModule):
             )
             if in_chans not in (1, 3):
                 raise ConfigError(f"a CLIP teacher takes 1 or 3 input channels, not {in_chans}")
+            check_clip_weights(spec)  # now, not when the teacher is built at fit time
             # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back.
             self.hparams.clip_teacher = asdict(spec)
             names = spec.class_names if spec.class_names is not None else class_names
@@ -164,20 +165,25 @@ class DualHeadDistillation(L.LightningModule):
     # ---- teachers -----------------------------------------------------------------------------
     def _build_classifier_teacher(self, spec: TeacherSpec | Mapping[str, Any]) -> None:
         spec = TeacherSpec(**spec) if isinstance(spec, Mapping) else spec
-        self.hparams.teacher = asdict(spec)
         hp = self.hparams
+        if spec.num_classes not in (None, hp.num_classes):
+            raise ConfigError(
+                f"the teacher predicts {spec.num_classes} classes (teacher.num_classes) and the "
+                f"data has {hp.num_classes}: DHO distils class by class, remove "
+                "teacher.num_classes (the teacher must be trained on this data's classes)"
+            )
         self.teacher = build_teacher(
             spec,
             num_classes=hp.num_classes,
             in_chans=hp.in_chans,
             student_mean=self.mean,
             student_std=self.std,
+            requirement="DHO distils class by class: teacher and student must predict the "
+            "same classes",
         )
-        if self.teacher.backbone.num_classes != hp.num_classes:
-            raise ConfigError(
-                f"the teacher predicts {self.teacher.backbone.num_classes} classes and the data "
-                f"has {hp.num_classes}: DHO distils class by class, remove teacher.num_classes"
-            )
+        # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back;
+        # with the architecture read from the weights when teacher.name was left out.
+        self.hparams.teacher = {**asdict(spec), "name": self.teacher.backbone.name}
 
     def _build_clip_teacher(self, class_names: Sequence[str]) -> None:
         spec = CLIPTeacherSpec(**self.hparams.clip_teacher)

@@ -34,7 +34,7 @@ from kdzoo.losses.functional.kc import concentration_loss, concentration_targets
 from kdzoo.methods.base import ClassificationModule, exclude_teacher_from_checkpoints
 from kdzoo.models.backbone import Backbone
 from kdzoo.models.sc_head import SCHead
-from kdzoo.models.teacher import TeacherSpec, build_teacher
+from kdzoo.models.teacher import TeacherSpec, build_teacher, missing_weights_error
 from kdzoo.models.weights import WeightsError, safe_torch_load
 
 __all__ = ["KnowledgeConcentration"]
@@ -113,11 +113,16 @@ class KnowledgeConcentration(ClassificationModule):
                     in_chans=hp.in_chans,
                     student_mean=self.mean,
                     student_std=self.std,
+                    field=f"specialists[{m}]",
+                    requirement=f"specialists[{m}] must predict the classes of verticals[{m}]",
+                    label_space=f"verticals[{m}]",
                 )
             except WeightsError as err:  # say which specialist, and what it must predict
                 raise WeightsError(
                     f"specialists[{m}] for verticals[{m}]={vertical}: {err}"
                 ) from err
+            # With the architecture read from the weights when the name was left out.
+            hp.specialists[m]["name"] = teacher.backbone.name
             teachers.append(teacher)
         self.teacher = _Specialists(teachers)
         exclude_teacher_from_checkpoints(self)
@@ -205,7 +210,9 @@ def _check_specialist(m: int, spec: TeacherSpec, vertical: list[int]) -> None:
             f"specialists[{m}].num_classes={spec.num_classes} but verticals[{m}] has "
             f"{len(vertical)} classes {vertical}: remove specialists[{m}].num_classes"
         )
-    if spec.weights is None or not str(spec.weights).endswith(".ckpt"):
+    if spec.weights is None:
+        raise missing_weights_error(f"specialists[{m}]", spec.name)
+    if not str(spec.weights).endswith(".ckpt"):
         return
     # A kdzoo run saves its datamodule's arguments: a specialist trained with --data.classes
     # has outputs in that order, which must be the vertical's order.

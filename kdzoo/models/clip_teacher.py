@@ -45,12 +45,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdzoo.errors import ConfigError
+from kdzoo.models.teacher import RANDOM_INIT
 from kdzoo.models.weights import safe_torch_load
 
 if TYPE_CHECKING:  # clip_probe builds on this module
     from kdzoo.models.clip_probe import LinearProbeTeacher
 
-__all__ = ["CLIP_MEAN", "CLIP_STD", "CLIPTeacherSpec", "CLIPZeroShotTeacher", "build_clip_teacher"]
+__all__ = [
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "CLIPTeacherSpec",
+    "CLIPZeroShotTeacher",
+    "build_clip_teacher",
+    "check_clip_weights",
+]
 
 # OpenAI CLIP's input normalisation (open_clip.OPENAI_DATASET_MEAN / _STD).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -65,9 +73,10 @@ class CLIPTeacherSpec:
     Attributes:
         model: open_clip architecture (``open_clip.list_models()``), e.g. ``"RN50"``.
         pretrained: an open_clip pretrained tag (``"openai"``; needs a network or a filled
-            Hugging Face cache), a local file with an open_clip state dict, or ``None`` for
-            random weights (tests only). A tag trained with QuickGELU (all OpenAI tags) turns
-            QuickGELU on; for OpenAI weights saved to a local file use e.g. ``"RN50-quickgelu"``.
+            Hugging Face cache), a local file with an open_clip state dict, or ``"random"`` for
+            random weights (tests only; ``None`` is an error, as for every kdzoo teacher). A tag
+            trained with QuickGELU (all OpenAI tags) turns QuickGELU on; for OpenAI weights
+            saved to a local file use e.g. ``"RN50-quickgelu"``.
         class_names: one name per class, in label order; ``None``: the datamodule's
             ``class_names`` (filled in by the distillation module). Underscores become spaces.
         templates: prompt templates with one ``{}`` for the class name; the text embeddings of
@@ -229,6 +238,7 @@ def build_clip_teacher(
         ConfigError: open_clip is not installed, the model or pretrained weights are unknown or
             cannot be fetched (offline), no class names are known, or the prototypes do not fit.
     """
+    check_clip_weights(spec)
     names = spec.class_names if spec.class_names is not None else class_names
     if not names:
         raise ConfigError(
@@ -266,6 +276,17 @@ def build_clip_teacher(
     return LinearProbeTeacher(teacher, prototypes)
 
 
+def check_clip_weights(spec: CLIPTeacherSpec) -> None:
+    """A CLIP teacher names its weights: ``pretrained=None`` is a :class:`ConfigError` (a
+    forgotten value must not distil from a random CLIP), ``"random"`` asks for random ones."""
+    if not spec.pretrained:
+        raise ConfigError(
+            "the CLIP teacher has no weights: set clip_teacher.pretrained to an open_clip tag "
+            f"(e.g. 'openai') or an open_clip state dict file; `{RANDOM_INIT}` keeps the random "
+            "initialisation (for tests only)"
+        )
+
+
 # ---- helpers -----------------------------------------------------------------------------------
 
 
@@ -286,8 +307,9 @@ def _create_clip_model(open_clip: Any, spec: CLIPTeacherSpec) -> nn.Module:
             f"unknown open_clip model {spec.model!r}: see open_clip.list_models() (e.g. 'RN50', "
             "'ViT-B-32')"
         )
-    tag = open_clip.get_pretrained_cfg(spec.model, spec.pretrained) if spec.pretrained else {}
-    if spec.pretrained and not tag and not Path(spec.pretrained).is_file():
+    pretrained = None if spec.pretrained == RANDOM_INIT else spec.pretrained
+    tag = open_clip.get_pretrained_cfg(spec.model, pretrained) if pretrained else {}
+    if pretrained and not tag and not Path(pretrained).is_file():
         raise ConfigError(
             f"clip_teacher.pretrained={spec.pretrained!r} is neither an open_clip tag of "
             f"{spec.model} ({open_clip.list_pretrained_tags_by_model(spec.model)}) nor an "
@@ -296,7 +318,7 @@ def _create_clip_model(open_clip: Any, spec: CLIPTeacherSpec) -> nn.Module:
     try:
         model = open_clip.create_model(
             spec.model,
-            pretrained=spec.pretrained,
+            pretrained=pretrained,
             force_quick_gelu=bool(tag.get("quick_gelu", False)),
             force_image_size=spec.image_size,
         )

@@ -8,8 +8,7 @@ the two networks expect different mean/std, so one data pipeline feeds both.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,13 +16,28 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdzoo.errors import ConfigError, KDZooError
 from kdzoo.models.backbone import Backbone
 from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
 
-__all__ = ["Teacher", "TeacherSpec", "build_teacher", "load_weights", "resolve_weights"]
+__all__ = [
+    "RANDOM_INIT",
+    "Teacher",
+    "TeacherSpec",
+    "build_teacher",
+    "build_teacher_backbone",
+    "load_weights",
+    "missing_weights_error",
+    "resolve_weights",
+]
 
 TIMM_PRETRAINED = "timm"
+#: The explicit ``weights`` value that keeps a frozen network's random initialisation (tests).
+RANDOM_INIT = "random"
 HUB_PREFIX = "hub:"
+WEIGHT_SOURCES = (
+    "a kdzoo checkpoint (.ckpt), an exported folder, a .safetensors/.pth file, hub:NAME or timm"
+)
 
 
 @dataclass
@@ -31,22 +45,27 @@ class TeacherSpec:
     """Where a teacher comes from.
 
     Attributes:
-        name: timm architecture, e.g. ``"resnet34"``.
+        name: timm architecture, e.g. ``"resnet34"``. ``None``: the architecture recorded with
+            the weights (a kdzoo ``.ckpt``'s student, an exported folder's ``config.json``);
+            when both are given they must agree.
         weights: a kdzoo Lightning checkpoint (``.ckpt``, its student is the teacher), a
             ``.safetensors`` file, a ``torch.save``-d state dict, a folder made by
             ``kdzoo hub export``, ``"hub:NAME"`` for a published kdzoo checkpoint (downloaded
             and verified into ``$KDZOO_HOME/hub``), or ``"timm"`` for timm's pretrained weights
             of ``name`` (e.g. ``name: resnet34.tv_in1k``; needs a network or a filled Hugging
-            Face cache). ``None`` keeps the random initialisation, which is only useful in tests.
+            Face cache). Required: ``None`` is an error, so a forgotten flag never distils from
+            a random network; ``"random"`` keeps the random initialisation (only for tests).
         mean: input mean the teacher's weights expect. ``None``: read it from the checkpoint's
             hyper-parameters, or timm's pretrained config for ``"timm"``, or else assume the
             student's.
         std: input std, as ``mean``.
-        num_classes: teacher outputs; ``None`` means the dataset's number of classes.
-        model_kwargs: extra ``timm.create_model`` arguments.
+        num_classes: teacher outputs; ``None`` means the dataset's number of classes (or, for
+            a method whose teacher may predict other classes, the number the weights record).
+        model_kwargs: extra ``timm.create_model`` arguments; ``None``: those recorded with the
+            weights (the run's ``student_kwargs``, the folder's ``model_args``), if any.
     """
 
-    name: str
+    name: str | None = None
     weights: str | None = None
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
@@ -121,14 +140,44 @@ def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
 
 
 def _exported_folder(folder: Path) -> tuple[str, dict[str, Any]]:
+    """The folder's weight file and what its config.json records: ``architecture``,
+    ``num_classes``, ``in_chans``, ``model_kwargs``, ``mean``, ``std``."""
+    from kdzoo.hub.load import read_config  # kdzoo.hub imports kdzoo.models
+
     weights, config = folder / "model.safetensors", folder / "config.json"
     if not weights.is_file() or not config.is_file():
         raise WeightsError(
             f"{folder} is not a kdzoo hub folder: it needs model.safetensors and config.json "
             "(made by `kdzoo hub export`)"
         )
-    cfg = json.loads(config.read_text()).get("pretrained_cfg", {})
-    return str(weights), {"mean": cfg.get("mean"), "std": cfg.get("std")}
+    recorded = read_config(config)
+    cfg = recorded.get("pretrained_cfg") or {}
+    model_args = dict(recorded.get("model_args") or {})
+    return str(weights), {
+        "architecture": recorded.get("architecture"),
+        "num_classes": recorded.get("num_classes", cfg.get("num_classes")),
+        "in_chans": model_args.pop("in_chans", None),
+        "model_kwargs": model_args or None,
+        "mean": cfg.get("mean"),
+        "std": cfg.get("std"),
+    }
+
+
+def missing_weights_error(field: str, name: str | None = None) -> ConfigError:
+    """The error for a frozen network (``field``: ``teacher``, ``source``, ...) without weights:
+    a forgotten flag must never train against a random network."""
+    who = f"{field} {name!r}" if name else field
+    return ConfigError(
+        f"{who} has no weights: set {_option(field, 'weights')} to {WEIGHT_SOURCES}; "
+        f"`{RANDOM_INIT}` keeps the random initialisation (for tests only)"
+    )
+
+
+def _option(field: str, attribute: str) -> str:
+    """How the user sets ``field.attribute`` on the command line."""
+    if "[" in field:  # an element of a list argument, e.g. specialists[0]
+        return f"{field}.{attribute} (in --model.init_args.{field.split('[')[0]})"
+    return f"--model.init_args.{field}.{attribute}"
 
 
 def build_teacher(
@@ -138,38 +187,166 @@ def build_teacher(
     in_chans: int,
     student_mean: Sequence[float] | None = None,
     student_std: Sequence[float] | None = None,
+    field: str = "teacher",
+    same_label_space: bool = True,
+    requirement: str | None = None,
+    label_space: str = "the data",
 ) -> Teacher:
-    """Build the frozen teacher ``spec`` describes, its weights loaded and checked."""
-    pretrained = spec.weights == TIMM_PRETRAINED
-    backbone = Backbone(
-        spec.name,
-        num_classes=spec.num_classes or num_classes,
+    """Build the frozen teacher ``spec`` describes, its weights loaded and checked.
+
+    See :func:`build_teacher_backbone` for the arguments after ``in_chans``.
+    """
+    backbone, recorded = build_teacher_backbone(
+        spec,
+        num_classes=num_classes,
         in_chans=in_chans,
-        pretrained=pretrained,
-        model_kwargs=spec.model_kwargs,
+        field=field,
+        same_label_space=same_label_space,
+        requirement=requirement,
+        label_space=label_space,
     )
-    teacher_mean, teacher_std = spec.mean, spec.std
-    if pretrained:
-        cfg = backbone.pretrained_cfg
-        teacher_mean = teacher_mean or cfg.get("mean")
-        teacher_std = teacher_std or cfg.get("std")
-    elif spec.weights is not None:
-        path, recorded = resolve_weights(spec.weights)
-        load_weights(backbone, path)
-        teacher_mean = teacher_mean or recorded.get("mean")
-        teacher_std = teacher_std or recorded.get("std")
     return Teacher(
         backbone,
         student_mean=student_mean,
         student_std=student_std,
-        teacher_mean=teacher_mean or student_mean,
-        teacher_std=teacher_std or student_std,
+        teacher_mean=spec.mean or recorded.get("mean") or student_mean,
+        teacher_std=spec.std or recorded.get("std") or student_std,
     )
 
 
-def load_weights(backbone: Backbone, weights: str) -> None:
+def build_teacher_backbone(
+    spec: TeacherSpec,
+    *,
+    num_classes: int,
+    in_chans: int,
+    field: str = "teacher",
+    same_label_space: bool = True,
+    requirement: str | None = None,
+    label_space: str = "the data",
+) -> tuple[Backbone, dict[str, Any]]:
+    """The (not yet frozen) network ``spec`` describes, its weights loaded and checked, and what
+    its weights record (``mean``/``std`` among others).
+
+    Args:
+        spec: architecture and weights; ``weights=None`` is a :class:`ConfigError`, ``"random"``
+            keeps the random initialisation.
+        num_classes: the classes of the data.
+        in_chans: input channels of the data.
+        field: the config field ``spec`` came from (``teacher``, ``source``,
+            ``specialists[0]``), for the messages.
+        same_label_space: the network must predict the data's classes (else, without
+            ``spec.num_classes``, it keeps the number its weights record).
+        requirement: what the method needs, said when the classes differ (default:
+            ``"<field> and student must predict the same classes"``).
+        label_space: what ``num_classes`` counts, for the messages.
+
+    Raises:
+        ConfigError: no weights; no architecture (``spec.name`` unset and none recorded);
+            ``spec.name`` disagrees with the recorded architecture.
+        WeightsError: the file is missing, unreadable or unsafe, or does not fit (other
+            classes, input channels or architecture).
+    """
+    weights = spec.weights
+    if weights is None:
+        raise missing_weights_error(field, spec.name)
+    path, recorded = None, {}
+    if weights not in (RANDOM_INIT, TIMM_PRETRAINED):
+        path, recorded = resolve_weights(weights)
+    name = _architecture(spec, recorded, field)
+
+    def class_mismatch(file_classes: int) -> KDZooError:
+        if spec.num_classes is not None:
+            return WeightsError(
+                f"{field}.num_classes={spec.num_classes} but {weights} was trained on "
+                f"{file_classes} classes: set {_option(field, 'num_classes')} to {file_classes} "
+                "or remove it"
+            )
+        need = requirement or f"{field} and student must predict the same classes"
+        return WeightsError(
+            f"{need}, but {weights} was trained on {file_classes} classes and {label_space} has "
+            f"{num_classes}: train the {field} on this data, or use data with the "
+            f"{file_classes} classes it was trained on"
+        )
+
+    file_classes = recorded.get("num_classes")
+    file_classes = file_classes if isinstance(file_classes, int) else None
+    classes = spec.num_classes or (None if same_label_space else file_classes) or num_classes
+    if file_classes is not None and file_classes != classes:
+        raise class_mismatch(file_classes)
+    file_chans = recorded.get("in_chans")
+    if isinstance(file_chans, int) and file_chans != in_chans:
+        raise WeightsError(
+            f"the {field} in {weights} takes {file_chans} input channels but the data has "
+            f"{in_chans}: use data with the channels it was trained on (or a {field} trained on "
+            "this data)"
+        )
+    model_kwargs = spec.model_kwargs
+    if model_kwargs is None:
+        model_kwargs = recorded.get("model_kwargs", recorded.get("student_kwargs"))
+    backbone = Backbone(
+        name,
+        num_classes=classes,
+        in_chans=in_chans,
+        pretrained=weights == TIMM_PRETRAINED,
+        model_kwargs=dict(model_kwargs) if model_kwargs else None,
+    )
+    if weights == TIMM_PRETRAINED:
+        cfg = backbone.pretrained_cfg
+        recorded = {"mean": cfg.get("mean"), "std": cfg.get("std")}
+    elif path is not None:
+        load_weights(backbone, path, field=field, on_class_mismatch=class_mismatch)
+    return backbone, recorded
+
+
+def _architecture(spec: TeacherSpec, recorded: dict[str, Any], field: str) -> str:
+    """``spec.name``, or the architecture the weights record; they must agree."""
+    # An exported folder's config.json says "architecture"; a kdzoo run's hparams "student".
+    source = "config.json" if "architecture" in recorded else "hyper-parameters"
+    stored = recorded.get("architecture") or recorded.get("student")
+    stored = stored if isinstance(stored, str) and stored else None
+    if spec.name is None:
+        if stored is not None:
+            return stored
+        if spec.weights in (RANDOM_INIT, TIMM_PRETRAINED):
+            raise ConfigError(
+                f"{field}.weights={spec.weights} needs an architecture: set "
+                f"{_option(field, 'name')} to a timm model"
+            )
+        raise ConfigError(
+            f"{field}.name is not set and {spec.weights} does not record its architecture: set "
+            f"{_option(field, 'name')} to the timm model the weights were trained with"
+        )
+    if stored is not None and _untagged(spec.name) != _untagged(stored):
+        raise ConfigError(
+            f"{field}.name={spec.name!r} but {spec.weights} holds a {stored!r} (its {source} "
+            f"say so): remove {field}.name, or set it to {stored!r}"
+        )
+    return spec.name
+
+
+def _untagged(name: str) -> str:
+    """timm's ``architecture.tag`` -> ``architecture`` (the tag only names pretrained weights)."""
+    return name.split(".", 1)[0]
+
+
+def load_weights(
+    backbone: Backbone,
+    weights: str,
+    *,
+    field: str = "teacher",
+    on_class_mismatch: Callable[[int], KDZooError] | None = None,
+) -> None:
     """Load a weight file (see :func:`~kdzoo.models.weights.load_backbone_state`) into
-    ``backbone``, raising a :class:`WeightsError` that names the mismatch if it does not fit."""
+    ``backbone``, raising a :class:`WeightsError` that names the mismatch if it does not fit.
+
+    Args:
+        backbone: the network to load into.
+        weights: the file.
+        field: what the weights are for (``teacher``, ``source``, ...), for the messages.
+        on_class_mismatch: the error to raise, given the number of classes the file's
+            classifier predicts, when only that differs from ``backbone``'s; by default a
+            :class:`WeightsError` that names both numbers.
+    """
     state = load_backbone_state(weights)
     expected = backbone.model.state_dict()
     mismatched = [
@@ -178,25 +355,26 @@ def load_weights(backbone: Backbone, weights: str) -> None:
         if k in expected and v.shape != expected[k].shape
     ]
     if mismatched:
-        classifier = backbone.model.get_classifier()
         file_classes = _classifier_outputs(state, backbone)
         hint = ""
         if file_classes is not None and file_classes != backbone.num_classes:
+            if on_class_mismatch is not None:
+                raise on_class_mismatch(file_classes)
             hint = (
-                f" The teacher in {weights} predicts {file_classes} classes but the model was "
-                f"built for {backbone.num_classes} ({type(classifier).__name__} head): teacher "
-                "and student must be trained on the same label set (or set teacher.num_classes)."
+                f" It was trained on {file_classes} classes but the model was built for "
+                f"{backbone.num_classes}."
             )
         raise WeightsError(
-            f"teacher weights {weights} do not fit timm model {backbone.name!r}.{hint} "
+            f"{field} weights {weights} do not fit timm model {backbone.name!r}.{hint} "
             f"Mismatched tensors: {'; '.join(mismatched[:3])}"
         )
     missing, unexpected = backbone.model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(
-            f"teacher weights {weights} do not match timm model {backbone.name!r}: "
+            f"{field} weights {weights} do not match timm model {backbone.name!r}: "
             f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}). Is teacher.name the architecture the file was trained with?"
+            f"(e.g. {unexpected[:3]}). Is {field}.name the architecture the file was trained "
+            "with?"
         )
 
 

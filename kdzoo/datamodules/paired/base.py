@@ -42,9 +42,12 @@ from kdzoo.datamodules.base import (
     DataError,
     DatasetNotFoundError,
     Expected,
+    ReseedingDataLoader,
+    ResolvedHparamsMixin,
     _check,
     _has,
     default_cache_dir,
+    loader_start,
     resolve_root,
     seed_worker,
 )
@@ -216,7 +219,7 @@ def as_tensor(x: Any) -> torch.Tensor:
 # -- the DataModule -----------------------------------------------------------------------------
 
 
-class PairedModalityDataModule(L.LightningDataModule, ABC):
+class PairedModalityDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC):
     """Base DataModule for two-modality data; the batch contract is in the module docstring.
 
     Subclasses set the class attributes describing their data and implement :meth:`describe`
@@ -376,7 +379,8 @@ class PairedModalityDataModule(L.LightningDataModule, ABC):
     def _loader(self, dataset: PairedDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
-        return DataLoader(
+        # Shuffled from (seed, epoch) without touching the global RNG, so resuming is exact.
+        return ReseedingDataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
@@ -384,6 +388,7 @@ class PairedModalityDataModule(L.LightningDataModule, ABC):
             persistent_workers=self.num_workers > 0,
             worker_init_fn=seed_worker,
             drop_last=False,
+            **loader_start(self.trainer, train=shuffle),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -18,9 +18,10 @@ LightningCLI config can swap datasets and the segmentation methods (LAD, FST, ..
   Segmentation", NeurIPS 2022, arXiv:2209.06993; official code https://github.com/usr922/FST);
 - the train pipeline is one albumentations ``Compose`` applied to image and mask together: random
   scale, pad to the crop (image 0, mask 255), random crop, horizontal flip, normalise; its RNG is
-  reseeded by the classification base's scheme (``TransformedDataset.reseed``,
-  ``ReseedingDataLoader``, ``seed_worker`` of :mod:`kdzoo.datamodules.base`), so runs under
-  ``lightning.seed_everything`` see identical batches;
+  seeded by the classification base's scheme (``ReseedingDataLoader``,
+  ``TransformedDataset.seed_item`` of :mod:`kdzoo.datamodules.base`: item ``j`` of epoch ``e``
+  from ``(loader seed, e, j)``), so runs under ``lightning.seed_everything`` see identical
+  batches, and a resumed run the batches of the uninterrupted one;
 - every mask is checked when it is loaded (size against its image; ids against ``0..C-1`` and
   255), so malformed data fails at the first batch with a :class:`DataError` naming the file.
 
@@ -49,6 +50,7 @@ from kdzoo.datamodules.base import (
     Expected,
     ReseedingDataLoader,
     _check,
+    loader_start,
     resolve_root,
     seed_worker,
 )
@@ -394,6 +396,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             collate_fn=collate,
             # A last batch of one image breaks BatchNorm in pooled heads (DeepLabV3's ASPP).
             drop_last=train,
+            **loader_start(self.trainer, train),
         )
 
     def _train_loader(self, dataset: SegmentationDataset, fresh: bool) -> DataLoader:

@@ -165,6 +165,7 @@ class SegmentationDataset(TransformedDataset):
 
     def __getitem__(self, i: int):
         j = int(self.indices[i])
+        self.seed_item(j)
         image = self.load_image(j)
         if not self.with_masks:
             return self.transform(image=image)["image"]

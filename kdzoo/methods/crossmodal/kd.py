@@ -63,7 +63,12 @@ class CrossModalKD(PairedModule):
         exclude_teacher_from_checkpoints(self)
         self.loss_weights = {"ce": 1.0 - alpha, "kd": alpha}
 
-    def _load_teacher(self, path: str) -> tuple[str, FusionNet | UnimodalNet]:
+    def _load_teacher(self, path: str | None) -> tuple[str, FusionNet | UnimodalNet]:
+        if not path:  # the architecture comes from the checkpoint: no random teacher exists
+            raise ConfigError(
+                "CrossModalKD has no teacher: set --model.init_args.teacher_weights to the .ckpt "
+                "of a PairedSupervised run (the fusion or the other modality's network)"
+            )
         recorded, state = load_paired_checkpoint(path, "teacher_weights")
         role = recorded.get("network")
         if role not in ROLES or "encoders" not in recorded:

@@ -31,7 +31,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.methods.base import weighted_loss
 from kdzoo.metrics import MeanIoU, PixelAccuracy
 from kdzoo.models.segmentation import SegmentationModel, SegmentationOutput
-from kdzoo.models.teacher import Teacher, resolve_weights
+from kdzoo.models.teacher import RANDOM_INIT, Teacher, resolve_weights
 from kdzoo.models.weights import WeightsError, load_backbone_state
 
 __all__ = [
@@ -264,7 +264,8 @@ class SegTeacherSpec:
         weights: the ``.ckpt`` of the kdzoo run that trained it (``SegSupervised``,
             ``LADTeacher``, ...): its architecture, label encoding and normalisation are read from
             the checkpoint's hyper-parameters. A ``.safetensors`` or ``torch.save``-d state dict
-            also works when ``architecture`` is given.
+            also works when ``architecture`` is given. Required (``None`` is an error);
+            ``"random"`` keeps the random initialisation of ``architecture`` (tests only).
         architecture: :class:`~kdzoo.models.segmentation.SegmentationModel` arguments
             (``backbone``, ``head``, ``output_stride``, ``extra_in_chans``, ...) overriding those
             read from the checkpoint; required for plain weight files.
@@ -290,9 +291,16 @@ def build_seg_teacher(
     resolved :class:`SegmentationModel` arguments."""
     if isinstance(spec, Mapping):
         spec = SegTeacherSpec(**spec)
+    if spec.weights is None:
+        raise ConfigError(
+            "teacher has no weights: set --model.init_args.teacher.weights to the .ckpt of the "
+            "kdzoo run that trained the segmentation teacher (or a weight file, with "
+            f"teacher.architecture); `{RANDOM_INIT}` keeps the random initialisation (for tests "
+            "only, with teacher.architecture)"
+        )
     recorded: dict[str, Any] = {}
     path = None
-    if spec.weights is not None:
+    if spec.weights != RANDOM_INIT:
         path, recorded = resolve_weights(spec.weights)
     if "student" not in recorded and not (spec.architecture or {}).get("backbone"):
         raise ConfigError(

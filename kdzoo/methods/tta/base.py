@@ -42,7 +42,7 @@ from torch.utils.data import DistributedSampler
 
 from kdzoo.errors import ConfigError
 from kdzoo.models.backbone import Backbone, BackboneOutput
-from kdzoo.models.teacher import TeacherSpec, load_weights, resolve_weights
+from kdzoo.models.teacher import RANDOM_INIT, TeacherSpec, build_teacher_backbone
 from kdzoo.models.weights import WeightsError
 
 __all__ = ["TTAModule", "ema_update", "use_batch_statistics"]
@@ -89,6 +89,9 @@ class TTAModule(L.LightningModule, ABC):
         batch_norm: ``"batch"`` (test-batch statistics, every adapting method in the benchmark)
             or ``"source"`` (keep the source's running statistics).
     """
+
+    #: ``kdzoo test`` adapts the source model named in the config: no checkpoint is needed.
+    evaluates_without_checkpoint = True
 
     def __init__(
         self,
@@ -137,28 +140,30 @@ class TTAModule(L.LightningModule, ABC):
 
     # ---- the source model ----------------------------------------------------------------------
     def _build_source(self, spec: TeacherSpec, num_classes: int, in_chans: int) -> Backbone:
-        backbone = Backbone(
-            spec.name,
-            num_classes=spec.num_classes or num_classes,
-            in_chans=in_chans,
-            pretrained=spec.weights == "timm",
-            model_kwargs=spec.model_kwargs,
-        )
-        if backbone.num_classes != num_classes:
+        if spec.num_classes not in (None, num_classes):
             raise ConfigError(
-                f"the source model predicts {backbone.num_classes} classes but the stream has "
-                f"{num_classes}: adapt a source trained on the stream's classes"
+                f"source.num_classes={spec.num_classes} but the stream has {num_classes} "
+                "classes: adapt a source trained on the stream's classes (and remove "
+                "source.num_classes)"
             )
-        if spec.weights not in (None, "timm"):
-            path, recorded = resolve_weights(spec.weights)
-            try:
-                load_weights(backbone, path)
-            except WeightsError as err:
-                raise WeightsError(
-                    f"source.weights: {err} (the stream has in_chans={in_chans} and "
-                    f"{num_classes} classes; the source model must take the same)"
-                ) from err
+        try:
+            backbone, recorded = build_teacher_backbone(
+                spec,
+                num_classes=num_classes,
+                in_chans=in_chans,
+                field="source",
+                requirement="the source model must predict the stream's classes",
+                label_space="the stream",
+            )
+        except WeightsError as err:
+            raise WeightsError(
+                f"source.weights: {err} (the stream has in_chans={in_chans} and "
+                f"{num_classes} classes; the source model must take the same)"
+            ) from err
+        if spec.weights not in (RANDOM_INIT, "timm"):
             self._check_normalisation(recorded)
+        # With the architecture read from the weights when source.name was left out.
+        self.hparams.source["name"] = backbone.name
         return backbone
 
     def _check_normalisation(self, recorded: Mapping[str, Any]) -> None:
