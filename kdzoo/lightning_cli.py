@@ -44,7 +44,7 @@ __all__ = ["KDCLI"]
 EVALUATION_COMMANDS = ("validate", "test", "predict")
 DEFAULT_SAVE_DIR = "runs"
 # Keys that do not change what a run computes, so resuming with another value is allowed.
-RESUMABLE_DIFFERENCES = {"num_workers", "download", "root"}
+RESUMABLE_DIFFERENCES = {"num_workers", "download", "root", "predict_split", "predict_dir"}
 _LINEAGE_KEYS = ("_class_path", "_instantiator", *LINKED_DATA_ATTRIBUTES)
 
 USAGE = "kdzoo {} [-c CONFIG.yaml ...] [--model NAME] [--data NAME] [--OPTION VALUE ...]"

@@ -7,6 +7,7 @@ The data is generated here: three classes of tiny random-colour PNG and JPEG ima
 from __future__ import annotations
 
 import csv
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -312,3 +313,20 @@ def test_prediction_writer_columns_and_no_overwrite(tmp_path, capsys):
     writer.write_on_epoch_end(_Trainer(tmp_path, Files()), None, predictions, [[[0, 1], [2]]])
     assert (tmp_path / "predictions.csv").read_text().count("c.png") == 1
     assert (tmp_path / "predictions.1.csv").is_file()
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_every_classification_datamodule_predicts_any_split(split):
+    """``predict_split`` is an argument of the shared base (Digits re-lists it; Fashion-MNIST,
+    CIFAR inherit it), and ``train`` is predicted without its augmentations."""
+    from kdzoo.datamodules import CIFAR10, Digits, FashionMNIST
+
+    for cls in (FashionMNIST, CIFAR10):
+        assert "predict_split" in inspect.signature(cls).parameters, cls
+    dm = Digits(predict_split=split, train_subset=40, eval_subset=20)
+    dm.setup("predict")
+    source = getattr(dm, split)
+    assert dm.predict.indices.tolist() == source.indices.tolist()
+    assert dm.predict.targets.tolist() == source.targets.tolist()
+    first = [dm.predict[0][0] for _ in range(2)]
+    assert torch.equal(*first), "predictions use the eval transforms"

@@ -23,7 +23,7 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import lightning as L
@@ -175,6 +175,8 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
             selection, so held-out images stay held out whatever the selection (the
             specialists of Knowledge Concentration train on a vertical this way); the subsets
             are drawn after it. ``None`` keeps every class.
+        predict_split: the split ``kdzoo predict`` runs over: ``"test"``, ``"val"`` or
+            ``"train"`` (with the eval transforms, never the augmentations).
     """
 
     name: str = "dataset"
@@ -206,6 +208,7 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
         eval_subset: int | None = None,
         download: bool = False,
         classes: list[int] | None = None,
+        predict_split: Literal["test", "val", "train"] = "test",
     ) -> None:
         super().__init__()
         _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
@@ -388,7 +391,11 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
         val_tf, test_tf = self.build_transform(train=False), self.build_transform(train=False)
         self.val = self.make_dataset(train_items, train_targets, val_idx, val_tf, rank)
         self.test = self.make_dataset(test_items, test_targets, test_idx, test_tf, rank)
-        self.predict = self.test
+        if self.hparams.predict_split == "train":  # eval transforms: predictions never augment
+            tf = self.build_transform(train=False)
+            self.predict = self.make_dataset(train_items, train_targets, train_idx, tf, rank)
+        else:
+            self.predict = {"test": self.test, "val": self.val}[self.hparams.predict_split]
 
     # -- transforms -------------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ dataset kdzoo's tests and quick presets run on. There is no official test split;
 stratified 20 % is held out as the test set.
 """
 
+from typing import Literal
+
 import albumentations as A
 import cv2
 import numpy as np
@@ -60,6 +62,7 @@ class Digits(ImageClassificationDataModule):
         eval_subset: int | None = None,
         download: bool = False,
         classes: list[int] | None = None,
+        predict_split: Literal["test", "val", "train"] = "test",
     ) -> None:
         super().__init__(
             root=root,
@@ -74,6 +77,7 @@ class Digits(ImageClassificationDataModule):
             eval_subset=eval_subset,
             download=download,
             classes=classes,
+            predict_split=predict_split,
         )
 
     def prepare_data(self) -> None:

@@ -192,6 +192,7 @@ class ImageFolder(ImageClassificationDataModule):
             train_subset=train_subset,
             eval_subset=eval_subset,
             download=download,
+            predict_split=predict_split,
         )
         if in_chans not in (1, 3):
             raise DataError(f"in_chans must be 1 or 3, got {in_chans!r}")
@@ -203,12 +204,7 @@ class ImageFolder(ImageClassificationDataModule):
                 raise DataError(f"{arg} must have in_chans={in_chans} values, got {values!r}")
         if min(self.native_std) <= 0:
             raise DataError(f"std values must be > 0, got {self.native_std!r}")
-        if predict_split not in ("test", "val", "train"):
-            raise DataError(
-                f"predict_split must be 'test', 'val' or 'train', got {predict_split!r}"
-            )
         self.skip_broken_images = skip_broken_images
-        self.predict_split = predict_split
         self.predict_dir = predict_dir
         #: The files ``skip_broken_images`` left out, filled by ``setup()``.
         self.skipped_images: list[Path] = []
@@ -281,7 +277,8 @@ class ImageFolder(ImageClassificationDataModule):
         if self.train is not None:
             return
         super().setup(stage)
-        self.predict = self._predict_dataset()
+        if self.predict_dir is not None:
+            self.predict = self._predict_dir_dataset()
         skipped = self.skipped_images
         if skipped and (self.trainer is None or self.trainer.is_global_zero):
             names = ", ".join(str(p) for p in skipped[:SHOW_SKIPPED])
@@ -292,15 +289,10 @@ class ImageFolder(ImageClassificationDataModule):
                 file=sys.stderr,
             )
 
-    def _predict_dataset(self) -> TransformedDataset:
-        """The ``predict_dir`` images (label -1), else the ``predict_split``, eval transforms."""
-        if self.predict_dir is None and self.predict_split != "train":
-            return self.test if self.predict_split == "test" else self.val
+    def _predict_dir_dataset(self) -> TransformedDataset:
+        """The ``predict_dir`` images (label -1) with the eval transforms."""
         rank = self.trainer.global_rank if self.trainer is not None else 0
         transform = self.build_transform(train=False)
-        if self.predict_dir is None:  # the train split, without its augmentations
-            train = self.train
-            return self.make_dataset(train._paths, train._targets, train.indices, transform, rank)
         directory = Path(self.predict_dir).expanduser()
         paths = _image_files(directory, recursive=True) if directory.is_dir() else []
         if self.skip_broken_images:
