@@ -1,4 +1,4 @@
-"""``kdzoo bench``: run a benchmark suite of training runs and render its results.
+"""``kdzoo bench``: run a benchmark suite of training runs, record its results, render tables.
 
 A suite is a YAML file ``configs/bench/<suite>.yaml``: config files shared by every run, a list
 of runs (each a list of config files, optional extra CLI arguments, and optionally the earlier
@@ -6,24 +6,50 @@ run whose best checkpoint is its teacher), and the overrides of the ``--fast`` p
 arguments ``{best:RUN}`` stands for the best checkpoint of the earlier run ``RUN`` (e.g. several
 specialist teachers, or a fine-tuned teacher's initial weights). A run with ``command: test``
 evaluates without training (test-time adaptation: the model adapts during ``kdzoo test``); a
-suite's ``metric`` (``top1``, ``mean_error`` or ``miou``) is what its table and bar chart show,
-and runs that write a ``tta_stream.csv`` are drawn together in ``<suite>_stream.png``. ``fast``
-may be a dict of presets per command, and a run's ``fast_args`` are added in ``--fast`` mode. A
-run's ``also_report: {NAME: LOGGED_KEY}`` adds a row ``NAME`` holding another metric the run
-logged (e.g. a label-assisted teacher's mIoU without its label input). Adding a method to a
-suite is adding a run to that file. Every run trains with ``kdzoo fit`` (the same
-:class:`~kdzoo.lightning_cli.KDCLI`), is evaluated on the test split with its best checkpoint,
-and appends one row to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are rendered
-from the CSV. A suite's ``active:`` block (``configs``, ``args``) then runs an active-learning
-experiment (:func:`kdzoo.active.loop.run_active`) into ``<out>/<suite>_active/``.
+suite's ``metric`` (a logged test metric without ``test/``: ``top1``, ``mean_error``, ``miou``)
+is what its table and bar chart show, and runs that write a ``tta_stream.csv`` are drawn together
+in ``<suite>_stream.png``. ``fast`` may be a dict of presets per command, and a run's
+``fast_args`` are added in ``--fast`` mode. A run's ``also_report: {NAME: LOGGED_KEY}`` adds a row
+``NAME`` holding another metric the run logged under the suite's metric (e.g. a label-assisted
+teacher's mIoU without its label input), and its ``paper: {METRIC: VALUE}`` overrides the config's
+``paper`` numbers. Adding a method to a suite is adding a run to that file.
+
+Every run trains with ``kdzoo fit`` (the same :class:`~kdzoo.lightning_cli.KDCLI`), is evaluated on
+the test split with its best checkpoint, and appends one row per logged test metric (the long
+format of :mod:`kdzoo.results`) to ``<out>/<suite>.csv``; ``<suite>.md`` and ``<suite>.png`` are
+rendered from the CSV. A suite's ``active:`` block (``configs``, ``args``) then runs an
+active-learning experiment (:func:`kdzoo.active.loop.run_active`) into ``<out>/<suite>_active/``.
+With ``--record`` the suite's rows are also appended to the committed
+``benchmarks/<suite>.csv`` (and the active part's rounds, with the commit, to
+``benchmarks/<suite>_active.csv``); without it nothing committed is touched.
+
+``kdzoo bench tables`` renders the README's result tables from ``benchmarks/``: the lines between
+``<!-- kdzoo:table SUITE -->`` and ``<!-- /kdzoo:table -->`` are the table that suite's ``table:``
+block declares, with these keys (all optional)::
+
+    table:
+      csv: SUITE.csv          # the file under benchmarks/ (default <suite>.csv)
+      metric: top1            # the metric shown (default: the suite's metric, else top1)
+      reference: kd           # a "vs kd" column (default: the suite's reference)
+      header: top-1 (%)       # the metric column's header
+      columns: [run, method, student, teacher, value, sd, reference, epochs, seeds, time, commit]
+      extra: {pass 1: 'error_[^#]+'}   # column: mean of the run's metrics matching the regex
+      notes: {kd++: KD++}     # a "note" column
+      pivot: {rows: strategy, columns: n_labelled, value: test_top1, header: '{} labels'}
+                              # instead: value by rows x columns, mean ± sd over seeds
+
+``--check`` changes nothing and fails, naming the tables, when the README differs from the render.
 """
 
 from __future__ import annotations
 
+import csv
 import os
+import re
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -31,9 +57,24 @@ from typing import Any
 import yaml
 from jsonargparse import ArgumentParser
 
-from kdzoo.results import append_row, plot_bars, plot_stream, read_rows, render_table
+from kdzoo.results import (
+    append_rows,
+    in_percent,
+    metric_rows,
+    plot_bars,
+    plot_stream,
+    read_rows,
+    render_spec,
+)
 
-__all__ = ["load_suite", "main", "run_suite"]
+__all__ = ["load_suite", "main", "render_readme_tables", "run_suite"]
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+# A README table: its marker names the suite, the lines up to the closing marker are rendered.
+TABLE_BLOCK = re.compile(
+    r"^(<!-- kdzoo:table (\S+) -->\n)(.*?)^(<!-- /kdzoo:table -->)$", re.DOTALL | re.MULTILINE
+)
+TABLE_OPENER = re.compile(r"^<!-- kdzoo:table \S+ -->$", re.MULTILINE)
 
 
 def default_configs_dir() -> Path:
@@ -41,7 +82,7 @@ def default_configs_dir() -> Path:
     local = Path("configs")
     if (local / "bench").is_dir():
         return local
-    return Path(__file__).resolve().parent.parent / "configs"
+    return SOURCE_ROOT / "configs"
 
 
 def load_suite(name: str, configs_dir: Path) -> dict[str, Any]:
@@ -61,6 +102,15 @@ def load_suite(name: str, configs_dir: Path) -> dict[str, Any]:
     return suite
 
 
+def table_spec(suite: Mapping[str, Any]) -> dict[str, Any]:
+    """The suite's ``table:`` block, its metric and reference defaulting to the suite's."""
+    spec = dict(suite.get("table") or {})
+    spec.setdefault("metric", suite.get("metric", "top1"))
+    if suite.get("reference") is not None:
+        spec.setdefault("reference", suite["reference"])
+    return spec
+
+
 def run_suite(
     name: str,
     *,
@@ -69,17 +119,22 @@ def run_suite(
     seed: int = 0,
     download: bool = False,
     configs_dir: Path | None = None,
+    record: bool = False,
+    benchmarks_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Train and test every run of suite ``name``; return the rows it appended."""
+    """Train and test every run of suite ``name``; return the rows it appended. With ``record``
+    the rows (and an active part's rounds) are also appended under ``benchmarks_dir``."""
     from kdzoo.lightning_cli import KDCLI
 
     configs_dir = configs_dir or default_configs_dir()
     suite = load_suite(name, configs_dir)
     table = f"{name}_fast" if fast else name
     out = Path(out)
+    if record:
+        benchmarks_dir = _benchmarks_dir(benchmarks_dir)
     best: dict[str, str] = {}
     streams: dict[str, Path] = {}
-    rows = []
+    rows: list[dict[str, Any]] = []
     metric = suite.get("metric", "top1")
     data_args = _prepare_corruptions(suite.get("corruptions"), fast, out)
     for run in suite["runs"]:
@@ -116,24 +171,53 @@ def run_suite(
             stream = Path(cli.trainer.log_dir) / "tta_stream.csv"
             if stream.is_file():
                 streams[run["name"]] = stream
-        rows.append(_row(run, cli, metrics, seed, start))
-        append_row(out / f"{table}.csv", rows[-1])
-        for extra in _also_reported(run, rows[-1], metrics, metric):
-            rows.append(extra)
-            append_row(out / f"{table}.csv", extra)
+        run_rows = _rows(run, cli, metrics, seed, start, metric)
+        append_rows(out / f"{table}.csv", run_rows)
+        rows += run_rows
     if suite.get("active"):
         _run_active_part(suite["active"], best, configs_dir, out / f"{table}_active", fast)
+    if record:
+        _record(rows, out / f"{table}_active", benchmarks_dir, table, bool(suite.get("active")))
     if not rows:
         return rows
     all_rows = read_rows(out / f"{table}.csv")
     title = f"kdzoo bench {name}{' --fast' if fast else ''}"
-    markdown = render_table(all_rows, title=title, reference=suite.get("reference"), metric=metric)
+    spec = {k: v for k, v in table_spec(suite).items() if k not in ("csv", "pivot")}
+    markdown = f"## {title}\n\n" + render_spec(spec, all_rows)
     (out / f"{table}.md").write_text(markdown)
     plot_bars(all_rows, out / f"{table}.png", title=f"{title}: {metric}", metric=metric)
     if streams:
         plot_stream(streams, out / f"{table}_stream.png", title=f"{title}: error along the stream")
     print(markdown)
     return rows
+
+
+def _benchmarks_dir(path: Path | None) -> Path:
+    """``path``, or the ``benchmarks/`` of the kdzoo source checkout (which must exist)."""
+    path = Path(path) if path is not None else SOURCE_ROOT / "benchmarks"
+    if not path.is_dir():
+        raise SystemExit(
+            f"error: --record appends to {path}, which does not exist: run from a kdzoo source "
+            "checkout or pass --benchmarks_dir"
+        )
+    return path
+
+
+def _record(
+    rows: list[dict[str, Any]], active_out: Path, benchmarks: Path, table: str, active: bool
+) -> None:
+    """``--record``: the suite's rows to ``benchmarks/<table>.csv``; an active part's rounds
+    (``rounds.csv``) with this commit to ``benchmarks/<table>_active.csv``."""
+    from kdzoo.active.report import ROUND_FIELDS
+
+    append_rows(benchmarks / f"{table}.csv", rows)
+    print(f"kdzoo bench: recorded {len(rows)} rows in {benchmarks / f'{table}.csv'}")
+    rounds = active_out / "rounds.csv"
+    if active and rounds.is_file():
+        commit = git_commit()
+        records = [{**r, "git_commit": commit} for r in read_rows(rounds, ROUND_FIELDS)]
+        append_rows(benchmarks / f"{table}_active.csv", records, (*ROUND_FIELDS, "git_commit"))
+        print(f"kdzoo bench: recorded {len(records)} rounds in {table}_active.csv")
 
 
 def _run_active_part(
@@ -180,26 +264,26 @@ def _prepare_corruptions(spec: dict[str, Any] | None, fast: bool, out: Path) -> 
     return []
 
 
-def _row(
-    run: dict[str, Any], cli: Any, metrics: dict[str, float], seed: int, start: float
-) -> dict[str, Any]:
-    hparams = cli.model.hparams
-    source = hparams.get("source") or {}  # test-time adaptation: the adapted source model
+def _rows(
+    run: dict[str, Any],
+    cli: Any,
+    metrics: dict[str, float],
+    seed: int,
+    start: float,
+    metric: str,
+) -> list[dict[str, Any]]:
+    """The run's result rows: one per ``test/*`` metric it logged, then its ``also_report``
+    rows. Student and teacher are what the model says (``result_names()``); the paper's numbers
+    are the config's ``paper`` mapping, overridden by the suite run's own ``paper``."""
     config = cli.config.get(cli.subcommand, {})
-    top1 = metrics.get("test/top1")
-    mean_error = metrics.get("test/mean_error")
-    miou = metrics.get("test/miou")
-    return {
+    paper = {**_as_dict(config.get("paper")), **_as_dict(run.get("paper"))}
+    names = cli.model.result_names()
+    common = {
         "run": run["name"],
         "method": type(cli.model).__name__,
-        "student": _student_name(hparams, source),
-        "teacher": _teacher_names(hparams),
+        "student": names["student"],
+        "teacher": names["teacher"],
         "dataset": type(cli.datamodule).__name__,
-        "top1": "" if top1 is None else round(100.0 * float(top1), 4),
-        "mean_error": "" if mean_error is None else round(float(mean_error), 4),
-        "miou": "" if miou is None else round(100.0 * float(miou), 4),
-        "paper_top1": _or_empty(run.get("paper_top1", config.get("paper_top1"))),
-        "paper_miou": _or_empty(run.get("paper_miou", config.get("paper_miou"))),
         "seed": seed,
         "epochs": cli.trainer.current_epoch,
         "wall_clock_s": round(time.perf_counter() - start, 1),
@@ -207,26 +291,34 @@ def _row(
         "git_commit": git_commit(),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    rows = metric_rows(common, metrics, paper)
+    return rows + _also_reported(run, common, metrics, metric)
 
 
 def _also_reported(
-    run: dict[str, Any], row: dict[str, Any], metrics: dict[str, float], metric: str
+    run: dict[str, Any], common: dict[str, Any], metrics: dict[str, float], metric: str
 ) -> list[dict[str, Any]]:
     """Extra rows for further metrics the run logged, ``also_report: {ROW_NAME: LOGGED_KEY}``
-    (e.g. a label-assisted teacher's ``test/miou_no_label``), in the suite's metric column."""
+    (e.g. a label-assisted teacher's ``test/miou_no_label``), under the suite's metric so the
+    suite's table shows them as runs of their own."""
     extra = []
     for name, key in (run.get("also_report") or {}).items():
         if key not in metrics:
             raise SystemExit(f"error: run {run['name']!r} did not log {key!r} (also_report)")
-        value = float(metrics[key])
-        extra.append(
-            {
-                **row,
-                "run": name,
-                metric: round(100.0 * value if metric != "mean_error" else value, 4),
-            }
-        )
+        value = in_percent(key.removeprefix("test/"), float(metrics[key]))
+        extra.append({**common, "run": name, "metric": metric, "value": value, "paper": ""})
     return extra
+
+
+def _as_dict(value: Any) -> dict[str, Any]:
+    """A ``paper`` mapping from YAML or a jsonargparse Namespace; ``{}`` for none."""
+    if value is None:
+        return {}
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if not isinstance(value, Mapping):
+        raise SystemExit(f"error: paper must map metric names to numbers, got {value!r}")
+    return dict(value)
 
 
 def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
@@ -236,41 +328,6 @@ def _fill_checkpoints(arg: str, best: dict[str, str]) -> str:
     if "{best:" in arg:
         raise SystemExit(f"error: {arg!r} names a run that has not run before it")
     return arg
-
-
-def _teacher_names(hparams: Any) -> str:
-    """The teacher's architecture, or the specialists' joined by " + " (KnowledgeConcentration);
-    a segmentation teacher as ``backbone/head`` (with ``+label`` for a label-assisted one)."""
-    teachers = hparams.get("specialists") or [hparams.get("teacher") or {}]
-    names = []
-    for teacher in teachers:
-        architecture = teacher.get("architecture") or {}
-        name = teacher.get("name") or _with_head(architecture.get("backbone", ""), architecture)
-        names.append(name + ("+label" if architecture.get("extra_in_chans") else ""))
-    return " + ".join(names)
-
-
-def _student_name(hparams: Any, source: Any) -> str:
-    """The trained network: a timm name, ``backbone/head`` (segmentation), or for paired-modality
-    methods the encoder of the modality it sees (``name (m1)``) or ``fusion(a+b)``."""
-    encoders = hparams.get("encoders")
-    if not encoders:
-        return _with_head(hparams.get("student", "") or source.get("name", ""), hparams)
-    names = [e.get("name") or e.get("kind", "") for e in encoders]
-    role = hparams.get("network") or f"m{int(hparams.get('target_modality', 0)) + 1}"
-    if role == "fusion":
-        return f"fusion({'+'.join(names)})"
-    return f"{names[int(role[1]) - 1]} ({role})"
-
-
-def _with_head(name: str, hparams: Any) -> str:
-    """``backbone/head`` for segmentation networks, the plain name otherwise."""
-    head = hparams.get("head")
-    return f"{name}/{head}" if name and head else name
-
-
-def _or_empty(value: Any) -> Any:
-    return "" if value is None else value
 
 
 def git_commit() -> str:
@@ -293,8 +350,71 @@ def git_commit() -> str:
     return commit + ("-dirty" if dirty.strip() else "")
 
 
+def render_readme_tables(
+    readme: str, benchmarks_dir: Path, configs_dir: Path
+) -> tuple[str, list[str]]:
+    """``readme`` with every ``<!-- kdzoo:table SUITE -->`` block rendered from
+    ``benchmarks_dir``, and the names of the blocks whose content that changed."""
+    changed: list[str] = []
+    if len(TABLE_OPENER.findall(readme)) != len(TABLE_BLOCK.findall(readme)):
+        raise SystemExit(
+            "error: every `<!-- kdzoo:table SUITE -->` line needs a `<!-- /kdzoo:table -->` "
+            "below it"
+        )
+
+    def render(match: re.Match[str]) -> str:
+        name = match.group(2)
+        body = "\n" + render_suite_table(name, benchmarks_dir, configs_dir) + "\n"
+        if body != match.group(3):
+            changed.append(name)
+        return match.group(1) + body + match.group(4)
+
+    return TABLE_BLOCK.sub(render, readme), changed
+
+
+def render_suite_table(name: str, benchmarks_dir: Path, configs_dir: Path) -> str:
+    """The Markdown table suite ``name``'s ``table:`` block declares, from ``benchmarks_dir``."""
+    spec = table_spec(load_suite(name, configs_dir))
+    path = Path(benchmarks_dir) / spec.get("csv", f"{name}.csv")
+    if not path.is_file():
+        raise SystemExit(f"error: table {name!r} is rendered from {path}, which does not exist")
+    try:
+        if spec.get("pivot"):  # any CSV, e.g. the active part's rounds
+            with path.open(newline="") as f:
+                rows = list(csv.DictReader(f))
+        else:
+            rows = read_rows(path)
+        return render_spec(spec, rows)
+    except (KeyError, ValueError) as error:  # a wrong table block or results file
+        raise SystemExit(f"error: table {name!r} of configs/bench/{name}.yaml: {error}") from None
+
+
+def tables(readme: Path, benchmarks_dir: Path, configs_dir: Path, *, check: bool = False) -> int:
+    """``kdzoo bench tables``: rewrite ``readme``'s tables (or with ``check`` only compare);
+    the exit status."""
+    text = readme.read_text()
+    rendered, changed = render_readme_tables(text, benchmarks_dir, configs_dir)
+    count = len(TABLE_BLOCK.findall(text))
+    if check:
+        if changed:
+            print(
+                f"error: {readme} differs from the tables rendered from {benchmarks_dir}: "
+                f"{', '.join(changed)} (run `kdzoo bench tables` to rewrite them)",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"kdzoo bench tables: {readme} matches {benchmarks_dir} ({count} tables)")
+        return 0
+    if rendered != text:
+        readme.write_text(rendered)
+    print(f"kdzoo bench tables: rewrote {', '.join(changed) or 'nothing'} in {readme}")
+    return 0
+
+
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="kdzoo bench", description="Run benchmark suites.")
+    parser = ArgumentParser(
+        prog="kdzoo bench", description="Run benchmark suites; render the README's result tables."
+    )
     subcommands = parser.add_subcommands()
     run = ArgumentParser(description="Train and test every run of a suite; append CSV rows.")
     run.add_argument("suite", type=str, help="suite name: configs/bench/<suite>.yaml")
@@ -310,10 +430,43 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="configs root (default: ./configs or the source checkout's)",
     )
+    run.add_argument(
+        "--record",
+        action="store_true",
+        help="also append the rows to the committed benchmarks/<suite>.csv",
+    )
+    run.add_argument(
+        "--benchmarks_dir",
+        type=Path | None,
+        default=None,
+        help="where --record appends (default: the source checkout's benchmarks/)",
+    )
     subcommands.add_subcommand("run", run, help=run.description)
     listing = ArgumentParser(description="List the suites.")
     listing.add_argument("--configs_dir", type=Path | None, default=None)
     subcommands.add_subcommand("list", listing, help=listing.description)
+    tables_parser = ArgumentParser(
+        description="Render the README's result tables from benchmarks/*.csv, in place."
+    )
+    tables_parser.add_argument(
+        "--check", action="store_true", help="only compare; fail naming the tables that differ"
+    )
+    tables_parser.add_argument(
+        "--readme", type=Path, default=SOURCE_ROOT / "README.md", help="the file to render into"
+    )
+    tables_parser.add_argument(
+        "--benchmarks_dir",
+        type=Path,
+        default=SOURCE_ROOT / "benchmarks",
+        help="the committed results the tables are rendered from",
+    )
+    tables_parser.add_argument(
+        "--configs_dir",
+        type=Path | None,
+        default=None,
+        help="configs root with the suites' table: blocks (default: ./configs or the checkout's)",
+    )
+    subcommands.add_subcommand("tables", tables_parser, help=tables_parser.description)
     return parser
 
 
@@ -325,6 +478,10 @@ def main(argv: Sequence[str] | None = None) -> None:
             suite = yaml.safe_load(path.read_text())
             print(f"{path.stem:<12} {suite.get('description', '')}")
         return
+    if cfg.subcommand == "tables":
+        args = cfg.tables
+        configs_dir = args.configs_dir or default_configs_dir()
+        sys.exit(tables(args.readme, args.benchmarks_dir, configs_dir, check=args.check))
     args = cfg.run
     run_suite(
         args.suite,
@@ -333,4 +490,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed,
         download=args.download,
         configs_dir=args.configs_dir,
+        record=args.record,
+        benchmarks_dir=args.benchmarks_dir,
     )

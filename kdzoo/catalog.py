@@ -1,7 +1,8 @@
 """``kdzoo list``: every method (``--model``) and dataset (``--data``) with one line and its paper.
 
-Read from the classes themselves (first docstring line, the arXiv id cited in the class's or
-its module's docstring), so the list cannot drift from the code.
+Read from the classes themselves (first docstring line; the arXiv id of the paper a method
+declares in ``citation``, else the one its docstrings cite), so the list cannot drift from the
+code.
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ def catalog() -> list[Entry]:
 
     import kdzoo.datamodules
     import kdzoo.methods
+    from kdzoo.methods.module import KDZooModule
 
     entries = []
     for kind, package, base in (
-        ("model", kdzoo.methods, L.LightningModule),
+        ("model", kdzoo.methods, KDZooModule),
         ("data", kdzoo.datamodules, L.LightningDataModule),
     ):
         for name in package.__all__:
@@ -53,7 +55,7 @@ def _first_line(cls: type) -> str:
 
 def _paper(cls: type) -> str:
     module = sys.modules.get(cls.__module__)
-    for doc in (cls.__doc__, getattr(module, "__doc__", None)):
+    for doc in (getattr(cls, "citation", None), cls.__doc__, getattr(module, "__doc__", None)):
         found = _ARXIV.findall(doc or "")
         if found:
             return "arXiv:" + ", arXiv:".join(dict.fromkeys(found))

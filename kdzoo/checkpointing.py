@@ -56,7 +56,7 @@ from lightning.pytorch.plugins.io.wrapper import _WrappingCheckpointIO
 from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
 from lightning.pytorch.trainer.states import TrainerFn
 
-from kdzoo.errors import KDZooError
+from kdzoo.errors import ConfigError, KDZooError
 
 __all__ = [
     "AtomicCheckpointIO",
@@ -213,6 +213,10 @@ def _all_ranks(state: dict[str, Any]) -> list[dict[str, Any]]:
 # -- the callback ----------------------------------------------------------------------------------
 
 
+#: ``--checkpoint.monitor`` default: the metric the method declares.
+AUTO_MONITOR = "auto"
+
+
 class KDModelCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` that always keeps ``last.ckpt`` current, writes atomically and saves
     every rank's random state (see the module docstring). Its arguments are Lightning's."""
@@ -232,9 +236,37 @@ class KDModelCheckpoint(ModelCheckpoint):
         # resume into this one, and tools reading the state (kdzoo hub export) find it.
         return super().state_key.replace(type(self).__qualname__, "ModelCheckpoint", 1)
 
+    def __init__(self, monitor: str | None = None, mode: str = "max", **kwargs: Any) -> None:
+        """Lightning's ``ModelCheckpoint``, where ``monitor="auto"`` (kdzoo's default) stands for
+        the metric the method declares (``checkpoint_metric`` of
+        :class:`~kdzoo.methods.module.KDZooModule`, e.g. ``val/top1`` or ``val/miou``) and its
+        mode (``checkpoint_mode``), replacing ``mode``.
+
+        Args:
+            monitor: quantity to monitor; ``"auto"``: the method's; ``None``: only ``last``.
+            mode: ``"max"`` or ``"min"`` for an explicit ``monitor``.
+            **kwargs: see ``lightning.pytorch.callbacks.ModelCheckpoint``.
+        """
+        self._auto_monitor = monitor == AUTO_MONITOR
+        super().__init__(monitor=None if self._auto_monitor else monitor, mode=mode, **kwargs)
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._auto_monitor:
+            self._monitor_what(pl_module)
         super().setup(trainer, pl_module, stage)
         use_atomic_writes(trainer.strategy)
+
+    def _monitor_what(self, pl_module: L.LightningModule) -> None:
+        if not hasattr(pl_module, "checkpoint_metric"):
+            raise ConfigError(
+                f"checkpoint.monitor is 'auto' but {type(pl_module).__name__} declares no "
+                "checkpoint_metric: set --checkpoint.monitor (and --checkpoint.mode)"
+            )
+        # None: the method has no metric to select by (only last.ckpt is kept).
+        self.monitor, mode = pl_module.checkpoint_metric, pl_module.checkpoint_mode
+        if self.monitor is not None:
+            self.mode = mode
+            self.kth_value = torch.tensor(torch.inf if mode == "min" else -torch.inf)
 
     # -- last.ckpt at the end of every epoch and on a clean stop -----------------------------------
 

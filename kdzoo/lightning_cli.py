@@ -16,8 +16,10 @@ Around Lightning it adds what a user of the command expects:
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 import warnings
 from argparse import ArgumentError
@@ -27,12 +29,12 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import DefaultHelpFormatter, Namespace
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback, _InstantiatorFn
 
 import kdzoo.datamodules
 import kdzoo.methods  # noqa: F401  (registers the methods for --model NAME)
 from kdzoo.callbacks import PredictionWriter
-from kdzoo.checkpointing import KDModelCheckpoint
+from kdzoo.checkpointing import AUTO_MONITOR, KDModelCheckpoint
 from kdzoo.cli_errors import CommandLineError, explain_parse_error
 from kdzoo.datamodules.base import LINKED_DATA_ATTRIBUTES
 from kdzoo.loggers import plain
@@ -70,6 +72,26 @@ def _quiet_lightning() -> None:
         for handler in logging.getLogger(name).handlers:
             handler.addFilter(_NoTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+
+
+class _DataInstantiator(_InstantiatorFn):
+    """Lightning's instantiator for ``data``, for the datamodule ``data`` configures only.
+
+    Lightning's records the config of ``data`` as the hyper-parameters of every LightningDataModule
+    it builds, also of one nested in the model's arguments (RMT's and PSMT's ``source_data``),
+    which would then be set up with the stream's settings. Any other datamodule (another class
+    or other arguments) is built plainly and records its own arguments.
+    """
+
+    def __call__(self, class_type: type, *args: Any, applied_instantiation_links: dict, **kwargs):
+        self.cli._dump_config()
+        config = self.cli.config_dump.get(self.key) or {}
+        ours = str(config.get("class_path", "")).rpartition(".")[2] == class_type.__name__
+        same = json.dumps(config.get("init_args") or {}, sort_keys=True, default=str)
+        if ours and same == json.dumps(kwargs, sort_keys=True, default=str):
+            links = applied_instantiation_links
+            return super().__call__(class_type, *args, applied_instantiation_links=links, **kwargs)
+        return class_type(*args, **kwargs)
 
 
 class _RawDescriptionFormatter(DefaultHelpFormatter):
@@ -136,18 +158,12 @@ class KDCLI(LightningCLI):
                 f"data.{attribute}", f"model.init_args.{attribute}", apply_on="instantiate"
             )
         parser.add_argument(
-            "--paper_top1",
-            type=float | None,
+            "--paper",
+            type=dict[str, float] | None,
             default=None,
-            help="the top-1 accuracy (%%) the method's paper reports for this config; "
-            "kdzoo bench prints it beside the measured one",
-        )
-        parser.add_argument(
-            "--paper_miou",
-            type=float | None,
-            default=None,
-            help="the mIoU (%%) the method's paper or official code reports for this "
-            "segmentation config; kdzoo bench prints it beside the measured one",
+            help="what the method's paper (or official code) reports for this config, by "
+            "metric name without the stage, e.g. {top1: 73.33} or {miou: 72.1} (in %%); "
+            "kdzoo bench prints it beside the measured value",
         )
         parser.add_argument(
             "--untrained",
@@ -160,8 +176,7 @@ class KDCLI(LightningCLI):
         parser.add_lightning_class_args(PredictionWriter, "prediction_writer")
         parser.set_defaults(
             {
-                "checkpoint.monitor": "val/top1",
-                "checkpoint.mode": "max",
+                "checkpoint.monitor": AUTO_MONITOR,
                 "checkpoint.save_last": True,
                 "checkpoint.filename": "best-epoch{epoch}",
                 "checkpoint.auto_insert_metric_name": False,
@@ -181,9 +196,18 @@ class KDCLI(LightningCLI):
             else:
                 self.config = parser.parse_args(args)
         except ArgumentError as err:
-            raise CommandLineError(
-                explain_parse_error(err, _option_strings(parser, args))
-            ) from None
+            explanation = renamed_option_hint(str(err)) or explain_parse_error(
+                err, _option_strings(parser, args)
+            )
+            raise CommandLineError(explanation) from None
+
+    def _add_instantiators(self) -> None:
+        super()._add_instantiators()
+        self.parser.add_instantiator(  # replaces Lightning's for ``data`` (the same key)
+            _DataInstantiator(cli=self, key="data"),
+            self._datamodule_class,
+            subclasses=self.subclass_mode_data,
+        )
 
     def _parse_ckpt_path(self) -> None:
         # LightningCLI replaces the model config by the checkpoint's hyper-parameters here, before
@@ -218,6 +242,30 @@ class KDCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> L.Trainer:
         callbacks.append(EpochLines())
         return super()._instantiate_trainer(config, callbacks)
+
+
+#: Top-level options renamed since an earlier kdzoo: old -> what replaces it.
+RENAMED_OPTIONS = {
+    "paper_top1": "paper: {top1: VALUE}",
+    "paper_miou": "paper: {miou: VALUE}",
+}
+
+
+def renamed_option_hint(message: str) -> str | None:
+    """A one-line error for an option that kdzoo renamed (a method's ``renamed_arguments``, or
+    :data:`RENAMED_OPTIONS`), if the parse error names one; else None."""
+    from kdzoo.methods.module import KDZooModule
+
+    renamed = dict(RENAMED_OPTIONS)
+    classes = [KDZooModule]
+    while classes:
+        cls = classes.pop()
+        renamed.update(cls.renamed_arguments)
+        classes.extend(cls.__subclasses__())
+    for old in re.findall(r"\w+", message):
+        if old in renamed:
+            return f"{old} was renamed: use {renamed[old]} instead (in your config or command line)"
+    return None
 
 
 def _option_strings(parser, args: Any) -> list[str]:

@@ -1,23 +1,44 @@
 """Result rows (CSV) and what is rendered from them: Markdown tables and PNG bar charts.
 
 Runs append rows; tables and plots are regenerated from the rows, never typed by hand
-(``tools/render_results.py`` does it for any results CSV).
+(``kdzoo bench tables`` renders the README's tables from ``benchmarks/*.csv``;
+``tools/render_results.py`` renders any results CSV).
+
+A results CSV is in long format, one metric per row (:data:`RESULT_FIELDS`): ``run, method,
+student, teacher, dataset, metric, value, paper, seed, epochs, wall_clock_s, config, git_commit,
+finished_at``. A run writes one row per ``test/*`` metric it logged, named without ``test/``, so a
+new task adds rows, never a column. ``value`` is what the run logged, with one rule
+(:func:`in_percent`): a fraction metric (accuracy or IoU, logged by torchmetrics in [0, 1]; its
+name starts with ``top<k>``, ``acc``, ``pixel_acc``, ``iou`` or ``miou``) is written in %, x100;
+every other metric is written as logged (losses; test-time adaptation errors, already in %).
+``paper`` is the paper's number for that metric where the config declares one. A CSV of the wide
+format kdzoo wrote before (a column per metric) is refused with the command that converts it
+(``tools/convert_results.py``).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import re
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "RESULT_FIELDS",
+    "WideFormatError",
     "append_row",
+    "append_rows",
+    "in_percent",
     "latest_rows",
+    "metric_rows",
     "plot_bars",
+    "plot_stream",
     "read_rows",
+    "render_pivot",
+    "render_spec",
     "render_table",
     "summarise",
 ]
@@ -28,11 +49,9 @@ RESULT_FIELDS = (
     "student",
     "teacher",
     "dataset",
-    "top1",
-    "mean_error",
-    "miou",
-    "paper_top1",
-    "paper_miou",
+    "metric",
+    "value",
+    "paper",
     "seed",
     "epochs",
     "wall_clock_s",
@@ -40,72 +59,154 @@ RESULT_FIELDS = (
     "git_commit",
     "finished_at",
 )
+# The metric columns of the wide format (kdzoo before the long format), to recognise such a file.
+WIDE_METRIC_FIELDS = ("top1", "mean_error", "miou")
+# Fractions in [0, 1] as torchmetrics logs them (top-k accuracy, accuracy, pixel accuracy, IoU).
+_PERCENT = re.compile(r"(top\d+|acc|pixel_acc|m?iou)(_.*)?")
+
+
+class WideFormatError(ValueError):
+    """A results CSV in the wide format of kdzoo before the long format."""
+
+
+def in_percent(metric: str, value: float) -> float:
+    """``value`` as a result row holds it: x100 for a fraction metric (see the module docstring),
+    as logged otherwise; rounded to 4 decimals."""
+    if _PERCENT.fullmatch(metric):
+        if not -1e-6 <= value <= 1.0 + 1e-6:
+            raise ValueError(f"metric {metric!r} = {value} is not a fraction in [0, 1]")
+        value = 100.0 * value
+    return round(float(value), 4)
+
+
+def metric_rows(
+    common: Mapping[str, Any], metrics: Mapping[str, float], paper: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """One row per ``test/*`` entry of ``metrics`` (sorted by name): ``common`` (run, method,
+    seed, ...) plus ``metric`` (the name without ``test/``), ``value`` (:func:`in_percent`) and
+    ``paper`` (``paper[metric]`` or empty)."""
+    rows = []
+    for key in sorted(k for k in metrics if k.startswith("test/")):
+        metric = key.removeprefix("test/")
+        value = in_percent(metric, float(metrics[key]))
+        rows.append({**common, "metric": metric, "value": value, "paper": paper.get(metric, "")})
+    return rows
+
+
+def append_rows(
+    path: str | Path, rows: Iterable[Mapping[str, Any]], fields: Sequence[str] = RESULT_FIELDS
+) -> None:
+    """Append ``rows`` to ``path`` in one write (created with a ``fields`` header if new);
+    earlier rows are kept. A file with other columns is refused, untouched."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        _check_header(path, fields)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(fields))
+    if new:
+        writer.writeheader()
+    for row in rows:
+        unknown = set(row) - set(fields)
+        if unknown:
+            raise ValueError(f"result row has unknown fields {sorted(unknown)}")
+        writer.writerow({k: _empty_if_none(row.get(k)) for k in fields})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as f:
+        f.write(buffer.getvalue())
 
 
 def append_row(path: str | Path, row: Mapping[str, Any]) -> None:
-    """Append one row to ``path`` (created with a header if new). Earlier rows are kept."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    fields = list(RESULT_FIELDS)
-    if not new:
-        with path.open(newline="") as f:
-            fields = next(csv.reader(f), [])
-        # A file written by an older kdzoo (fewer columns) still takes rows that leave the
-        # newer columns empty.
-        missing = [k for k in RESULT_FIELDS if k not in fields and row.get(k, "") != ""]
-        if not set(fields) <= set(RESULT_FIELDS) or missing:
-            raise ValueError(
-                f"{path} has columns {fields}, expected {list(RESULT_FIELDS)}: move it away or "
-                "write to another --out directory (kdzoo never rewrites a results file)"
-            )
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        if new:
-            writer.writeheader()
-        writer.writerow({k: row.get(k, "") for k in fields})
+    """Append one result row to ``path`` (see :func:`append_rows`)."""
+    append_rows(path, [row])
 
 
-def read_rows(path: str | Path) -> list[dict[str, str]]:
+def read_rows(path: str | Path, fields: Sequence[str] = RESULT_FIELDS) -> list[dict[str, str]]:
+    """The rows of a long-format results CSV (a file with the columns ``fields``); a
+    wide-format one is a :class:`WideFormatError`."""
+    _check_header(Path(path), fields)
     with Path(path).open(newline="") as f:
         return list(csv.DictReader(f))
 
 
-def latest_rows(rows: Sequence[Mapping[str, str]]) -> list[Mapping[str, str]]:
-    """The newest row of each (run, seed), in the order the runs first appear."""
-    latest: dict[tuple[str, str], Mapping[str, str]] = {}
+def _check_header(path: Path, expected: Sequence[str] = RESULT_FIELDS) -> None:
+    with path.open(newline="") as f:
+        fields = next(csv.reader(f), [])
+    if tuple(fields) == tuple(expected):
+        return
+    if set(WIDE_METRIC_FIELDS) & set(fields) and "metric" not in fields:
+        raise WideFormatError(
+            f"{path} is a results file of the wide format (a column per metric) that kdzoo wrote "
+            f"before the long format; convert it: python tools/convert_results.py {path} "
+            f"NEW.csv (kdzoo never rewrites a results file)"
+        )
+    raise ValueError(
+        f"{path} has columns {fields}, expected {list(expected)}: move it away or "
+        "write to another --out directory (kdzoo never rewrites a results file)"
+    )
+
+
+def latest_rows(
+    rows: Sequence[Mapping[str, str]], metric: str | None = None
+) -> list[Mapping[str, str]]:
+    """The newest row of each (run, seed, metric), only ``metric``'s when given, in the order the
+    runs first appear."""
+    latest: dict[tuple[str, str, str], Mapping[str, str]] = {}
     for row in rows:
-        latest[(row["run"], str(row.get("seed", "")))] = row
+        if metric is None or row["metric"] == metric:
+            latest[(row["run"], str(row.get("seed", "")), row["metric"])] = row
     order = list(dict.fromkeys(row["run"] for row in rows))
     return sorted(latest.values(), key=lambda r: order.index(r["run"]))
 
 
 def summarise(rows: Sequence[Mapping[str, str]], metric: str = "top1") -> list[dict[str, Any]]:
-    """One entry per run: the newest row of its newest seed, plus ``metric`` as the mean over the
-    newest row of every seed, ``<metric>_sd`` (sample standard deviation, ``""`` for one seed),
-    ``seeds`` ("0,1") and ``n``."""
+    """One entry per run that logged ``metric``: the newest row of its newest seed (method,
+    student, epochs, ...), plus ``value`` as the mean over the newest row of every seed,
+    ``sd`` (sample standard deviation, ``""`` for one seed), ``seeds`` ("0,1"), ``n``,
+    ``wall_clock_s`` (mean over the seeds) and ``git_commit`` (every commit of those rows)."""
     by_run: dict[str, list[Mapping[str, str]]] = {}
-    for row in latest_rows(rows):
+    for row in latest_rows(rows, metric):
         by_run.setdefault(row["run"], []).append(row)
     summary = []
     for run_rows in by_run.values():
-        values = [float(r[metric]) for r in run_rows if r.get(metric) not in ("", None)]
-        entry = dict(run_rows[-1])
+        values = [float(r["value"]) for r in run_rows if r.get("value") not in ("", None)]
+        times = [float(r["wall_clock_s"]) for r in run_rows if r.get("wall_clock_s")]
+        papers = [r["paper"] for r in run_rows if r.get("paper") not in ("", None)]
+        entry: dict[str, Any] = dict(run_rows[-1])
         entry.update(
             {
-                metric: statistics.fmean(values) if values else "",
-                f"{metric}_sd": statistics.stdev(values) if len(values) > 1 else "",
+                "value": statistics.fmean(values) if values else "",
+                "sd": statistics.stdev(values) if len(values) > 1 else "",
                 "seeds": ",".join(str(r.get("seed", "")) for r in run_rows),
                 "n": len(values),
+                "wall_clock_s": statistics.fmean(times) if times else "",
+                "paper": papers[-1] if papers else "",
+                "git_commit": ", ".join(
+                    dict.fromkeys(_short_commit(r.get("git_commit", "")) for r in run_rows)
+                ),
             }
         )
         summary.append(entry)
     return summary
 
 
-METRIC_HEADERS = {"top1": "top-1 (%)", "mean_error": "mean error (%)", "miou": "mIoU (%)"}
-# Metrics where lower is better (the bar chart's axis starts at 0 for them).
-LOWER_IS_BETTER = ("mean_error",)
+#: The columns of :func:`render_table`, in order (``reference`` and ``paper`` only appear when
+#: there is a reference value or a paper number).
+DEFAULT_COLUMNS = (
+    "run",
+    "method",
+    "student",
+    "teacher",
+    "dataset",
+    "value",
+    "sd",
+    "reference",
+    "paper",
+    "epochs",
+    "seeds",
+    "time",
+    "commit",
+)
 
 
 def render_table(
@@ -113,39 +214,163 @@ def render_table(
     title: str | None = None,
     reference: str | None = None,
     metric: str = "top1",
+    *,
+    header: str | None = None,
+    columns: Sequence[str] | None = None,
+    extra: Mapping[str, str] | None = None,
+    notes: Mapping[str, str] | None = None,
 ) -> str:
-    """A Markdown table, one line per run: ``metric`` (``top1``, or ``mean_error`` for test-time
-    adaptation) averaged over the seeds run (newest row of each), its standard deviation, and with
-    ``reference`` (a run name) the difference to that run."""
+    """A Markdown table, one line per run that logged ``metric``.
+
+    Args:
+        rows: long-format result rows.
+        title: a ``## title`` line above the table.
+        reference: a run name: adds ``vs <reference>``, each run's difference to it.
+        metric: the metric shown, averaged over the seeds run (newest row of each seed).
+        header: the metric column's header (default ``<metric> (%)`` for a fraction metric,
+            else the metric's name).
+        columns: which columns, in order, from :data:`DEFAULT_COLUMNS` and the names of
+            ``extra`` (default: :data:`DEFAULT_COLUMNS`, then ``extra``'s columns after ``sd``).
+        extra: more columns, ``header: regex``: the mean of the run's metrics whose names match
+            the regex in full (e.g. one pass of a repeated test-time adaptation stream), averaged
+            over the seeds.
+        notes: ``run: text`` shown in a ``note`` column after ``run``.
+    """
+    extra = dict(extra or {})
+    notes = dict(notes or {})
     summary = summarise(rows, metric)
     reference_value = next(
-        (e[metric] for e in summary if e["run"] == reference and e[metric] != ""), None
+        (e["value"] for e in summary if e["run"] == reference and e["value"] != ""), None
     )
-    columns = [
-        ("run", "run"),
-        ("method", "method"),
-        ("student", "model" if metric == "mean_error" else "student"),
-        ("teacher", "teacher"),
-        ("dataset", "dataset"),
-        (metric, METRIC_HEADERS.get(metric, metric)),
-        (f"{metric}_sd", "sd"),
-        *([("delta", f"vs {reference}")] if reference_value is not None else []),
-        *([("paper_top1", "paper top-1 (%)")] if metric == "top1" else []),
-        *([("paper_miou", "paper mIoU (%)")] if metric == "miou" else []),
-        ("epochs", "epochs"),
-        ("seeds", "seeds"),
-        ("wall_clock_s", "time (s)"),
-        ("git_commit", "commit"),
-    ]
+    if columns is None:
+        columns = list(DEFAULT_COLUMNS)
+        columns[columns.index("sd") + 1 : columns.index("sd") + 1] = list(extra)
+    if notes and "note" not in columns:
+        columns = [*columns[:1], "note", *columns[1:]]
+    if reference_value is None:
+        columns = [c for c in columns if c != "reference"]
+    if not any(e["paper"] != "" for e in summary):
+        columns = [c for c in columns if c != "paper"]
+    unknown = [c for c in columns if c not in DEFAULT_COLUMNS and c not in extra and c != "note"]
+    if unknown:
+        raise ValueError(f"unknown table columns {unknown}; known: {list(DEFAULT_COLUMNS)}")
+    metric_header = header or (f"{metric} (%)" if _PERCENT.fullmatch(metric) else metric)
+    headers = {
+        "value": metric_header,
+        "reference": f"vs {reference}",
+        "paper": "paper",
+        "time": "time (s)",
+        "commit": "commit",
+    }
     lines = [f"## {title}", ""] if title else []
-    lines.append("| " + " | ".join(header for _, header in columns) + " |")
+    lines.append("| " + " | ".join(headers.get(c, c) for c in columns) + " |")
     lines.append("|" + "|".join("---" for _ in columns) + "|")
     for entry in summary:
-        if reference_value is not None and entry[metric] != "":
-            entry["delta"] = f"{entry[metric] - reference_value:+.2f}"
-        cells = [_format(key, entry.get(key, "")) for key, _ in columns]
+        cells = []
+        for column in columns:
+            if column == "reference":
+                value = "" if entry["value"] == "" else f"{entry['value'] - reference_value:+.2f}"
+            elif column == "note":
+                value = notes.get(entry["run"], "")
+            elif column in extra:
+                value = _mean_of_matching(rows, entry["run"], extra[column])
+            else:
+                key = {"time": "wall_clock_s", "commit": "git_commit"}.get(column, column)
+                value = entry.get(key, "")
+            cells.append(_format(column, value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _mean_of_matching(rows: Sequence[Mapping[str, str]], run: str, pattern: str) -> Any:
+    """The mean over seeds of the mean of ``run``'s metrics whose names match ``pattern``."""
+    regex = re.compile(pattern)
+    per_seed: dict[str, list[float]] = {}
+    for row in latest_rows([r for r in rows if r["run"] == run]):
+        if regex.fullmatch(row["metric"]) and row["value"] not in ("", None):
+            per_seed.setdefault(str(row.get("seed", "")), []).append(float(row["value"]))
+    means = [statistics.fmean(values) for values in per_seed.values()]
+    return statistics.fmean(means) if means else ""
+
+
+def render_pivot(
+    rows: Sequence[Mapping[str, str]],
+    *,
+    index: str,
+    columns: str,
+    value: str,
+    seed: str = "seed",
+    header: str = "{}",
+) -> str:
+    """A Markdown table of ``value`` by ``index`` (lines) and ``columns`` (columns), e.g. test
+    top-1 by strategy and labelled count: the mean over ``seed`` (newest row of each (index,
+    column, seed)), ``± sd`` with two or more seeds and ``(n)`` where fewer seeds than the most
+    in the table reached that cell; then the seeds, the time (mean over seeds of the summed
+    ``wall_clock_s``) and the commits of the line's rows. ``header`` formats a column's value
+    as its header (e.g. ``"{} labels"``)."""
+    latest: dict[tuple[str, str, str], Mapping[str, str]] = {}
+    for row in rows:
+        latest[(row[index], row[columns], str(row.get(seed, "")))] = row
+    keys = list(dict.fromkeys(row[index] for row in rows))
+    column_values = sorted({c for _, c, _ in latest}, key=_numeric_first)
+    cells: dict[tuple[str, str], list[float]] = {}
+    for (line, column, _), row in latest.items():
+        cells.setdefault((line, column), []).append(float(row[value]))
+    most = max((len(v) for v in cells.values()), default=0)
+    has_time = any(r.get("wall_clock_s") not in ("", None) for r in rows)
+    has_commit = any(r.get("git_commit") not in ("", None) for r in rows)
+    head = [index, *(header.format(c) for c in column_values), "seeds"]
+    head += ["time (s)"] * has_time + ["commit"] * has_commit
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for line in keys:
+        out = []
+        for column in column_values:
+            values = cells.get((line, column), [])
+            cell = f"{statistics.fmean(values):.2f}" if values else "-"
+            if len(values) > 1:
+                cell += f" ± {statistics.stdev(values):.2f}"
+            if values and len(values) < most:
+                cell += f" ({len(values)})"
+            out.append(cell)
+        mine = [row for (k, _, _), row in latest.items() if k == line]
+        seeds = list(dict.fromkeys(str(row.get(seed, "")) for row in mine))
+        out.append(",".join(seeds))
+        if has_time:
+            totals: dict[str, float] = {}
+            for row in mine:
+                s = str(row.get(seed, ""))
+                totals[s] = totals.get(s, 0.0) + float(row.get("wall_clock_s") or 0.0)
+            out.append(f"{statistics.fmean(totals.values()):.0f}")
+        if has_commit:
+            out.append(", ".join(dict.fromkeys(_short_commit(r["git_commit"]) for r in mine)))
+        lines.append(f"| {line} | " + " | ".join(out) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_spec(spec: Mapping[str, Any], rows: Sequence[Mapping[str, str]]) -> str:
+    """The table a suite's ``table:`` block declares (see :mod:`kdzoo.bench`), from ``rows``."""
+    known = {"csv", "metric", "reference", "header", "columns", "extra", "notes", "pivot"}
+    unknown = set(spec) - known
+    if unknown:
+        raise ValueError(f"unknown table keys {sorted(unknown)}; known: {sorted(known)}")
+    if spec.get("pivot"):
+        pivot = dict(spec["pivot"])
+        return render_pivot(
+            rows,
+            index=pivot["rows"],
+            columns=pivot["columns"],
+            value=pivot["value"],
+            header=pivot.get("header", "{}"),
+        )
+    return render_table(
+        rows,
+        reference=spec.get("reference"),
+        metric=spec.get("metric", "top1"),
+        header=spec.get("header"),
+        columns=spec.get("columns"),
+        extra=spec.get("extra"),
+        notes=spec.get("notes"),
+    )
 
 
 def plot_bars(
@@ -157,18 +382,18 @@ def plot_bars(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in summarise(rows, metric) if r[metric] != ""]
+    rows = [r for r in summarise(rows, metric) if r["value"] != ""]
     names = [r["run"] for r in rows]
-    values = [float(r[metric]) for r in rows]
+    values = [float(r["value"]) for r in rows]
     fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(rows), 3.6))
     bars = ax.bar(names, values, color="#4c72b0")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
-    if metric not in LOWER_IS_BETTER:
+    if _PERCENT.fullmatch(metric):
         low = min(values) if values else 0.0
         ax.set_ylim(max(0.0, low - 10.0), 100.0)
-    else:
-        ax.set_ylim(0.0, min(100.0, max(values, default=0.0) + 10.0))
-    ax.set_ylabel(METRIC_HEADERS.get(metric, metric))
+    else:  # errors and losses: lower is better, the axis starts at 0
+        ax.set_ylim(0.0, max(values, default=0.0) * 1.15 + 1e-6)
+    ax.set_ylabel(f"{metric} (%)" if _PERCENT.fullmatch(metric) else metric)
     ax.set_title(title)
     if any(len(name) > 12 for name in names):  # long run names would overlap
         plt.setp(ax.get_xticklabels(), rotation=25, ha="right")
@@ -178,16 +403,30 @@ def plot_bars(
     plt.close(fig)
 
 
-def _format(key: str, value: str) -> str:
+def _format(column: str, value: Any) -> str:
     if value in ("", None):
-        return "-"
-    if key.removesuffix("_sd") in ("top1", "paper_top1", "mean_error", "miou", "paper_miou"):
-        return f"{float(value):.2f}"
-    if key == "wall_clock_s":
+        return "" if column == "note" else "-"
+    if column == "time":
         return f"{float(value):.0f}"
-    if key == "git_commit":
-        return value[:10]
+    if column in ("value", "sd", "paper") or isinstance(value, float):
+        return f"{float(value):.2f}"
     return str(value)
+
+
+def _short_commit(commit: str) -> str:
+    """The first 10 hex digits, keeping a ``-dirty`` mark."""
+    return commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
+
+
+def _numeric_first(value: str) -> tuple[int, float, str]:
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _empty_if_none(value: Any) -> Any:
+    return "" if value is None else value
 
 
 def plot_stream(streams: Mapping[str, str | Path], path: str | Path, title: str = "") -> None:
@@ -202,7 +441,8 @@ def plot_stream(streams: Mapping[str, str | Path], path: str | Path, title: str 
     fig, ax = plt.subplots(figsize=(11, 4))
     boundaries: list[tuple[int, str]] = []
     for label, csv_path in streams.items():
-        rows = read_rows(csv_path)
+        with Path(csv_path).open(newline="") as f:
+            rows = list(csv.DictReader(f))
         errors = [100.0 * int(r["errors"]) / max(1, int(r["images"])) for r in rows]
         smooth = [statistics.fmean(errors[max(0, i - 4) : i + 1]) for i in range(len(errors))]
         ax.plot(range(len(smooth)), smooth, label=label, linewidth=1.2)

@@ -1,4 +1,4 @@
-"""Reference tests for the CLIP teachers of :mod:`kdzoo.models.clip_teacher`.
+"""Reference tests for the CLIP teachers of :mod:`kdzoo.models.clip`.
 
 Offline and with random weights (spec Part 3): ``open_clip.create_model("RN50", pretrained=None)``
 builds the architecture from open_clip's bundled config and the tokenizer's BPE vocabulary ships
@@ -32,14 +32,16 @@ from trainer_helpers import quiet_trainer
 
 from kdzoo.errors import ConfigError
 from kdzoo.methods import DualHeadDistillation
-from kdzoo.models.clip_probe import LinearProbeTeacher, fit_linear_probe
-from kdzoo.models.clip_teacher import (
+from kdzoo.models.clip import (
     CLIP_MEAN,
     CLIP_STD,
     CLIPTeacherSpec,
     CLIPZeroShotTeacher,
+    LinearProbeTeacher,
     build_clip_teacher,
+    fit_linear_probe,
 )
+from kdzoo.models.teacher import Teacher
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:.*does not have many workers.*",
@@ -146,7 +148,8 @@ def test_teacher_stays_frozen(teacher) -> None:
     teacher.train()
     assert all(not m.training for m in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
-    assert teacher.state_dict().keys() == {f"visual.{k}" for k in teacher.visual.state_dict()}
+    assert isinstance(teacher, Teacher) and teacher.visual is teacher.backbone
+    assert teacher.state_dict().keys() == {f"backbone.{k}" for k in teacher.visual.state_dict()}
 
 
 def test_build_from_spec_offline_with_random_weights() -> None:
@@ -214,7 +217,8 @@ def test_linear_probe_fit_lowers_its_objective(teacher, tmp_path: Path) -> None:
     probe = fit_linear_probe(
         teacher, x, labels, steps=40, batch_size=8, generator=torch.Generator().manual_seed(0)
     )
-    assert isinstance(probe, LinearProbeTeacher)
+    assert isinstance(probe, LinearProbeTeacher) and isinstance(probe, Teacher)
+    assert probe.zero_shot is teacher and not probe.training
     features = teacher.image_features(x).double()
     before = clap_objective(teacher, teacher.raw_text_weights, features, labels)
     after = clap_objective(teacher, probe.prototypes, features, labels)
@@ -296,6 +300,16 @@ def test_dho_takes_class_names_from_the_datamodule(tmp_path: Path) -> None:
         torch.testing.assert_close(restored(x), module(x), rtol=0, atol=0)
         probs = module.teacher_probs(x)
     torch.testing.assert_close(probs, (module.teacher(x) / 2).softmax(dim=1))
+
+
+def test_dho_clip_teacher_is_a_frozen_teacher() -> None:
+    clip = {"pretrained": "random", "image_size": SIZE}
+    module = DualHeadDistillation("test_resnet", 2, clip_teacher=clip, class_names=("a", "b"))
+    module.train()
+    assert isinstance(module.teacher, Teacher) and module.student.training
+    assert all(not m.training for m in module.teacher.modules())
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert not [k for k in module.state_dict() if k.startswith("teacher.")]
 
 
 def test_dho_rejects_class_name_count_mismatch() -> None:

@@ -316,7 +316,7 @@ def test_wrong_shapes_are_clear_errors_at_setup(tmp_path):
         ({"severity": 6}, "severity must be 1..5"),
         ({"setting": "mixed"}, "setting must be 'continual' or 'gradual'"),
         ({"repeats": 0}, "repeats must be >= 1"),
-        ({"batch_size": 0}, "batch_size must be >= 1"),
+        ({"batch_size": 0}, "batch_size must be an integer >= 1"),
         ({"num_examples": 0}, "num_examples must be None or >= 1"),
         ({"corruptions": []}, "corruptions must be non-empty"),
         ({"dataset": "../x"}, "dataset must be a folder name"),

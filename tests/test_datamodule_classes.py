@@ -2,12 +2,14 @@
 
 The Knowledge Concentration specialists train on one vertical each this way. Checked on
 scikit-learn digits (no files, no network) against the images and labels of the same datamodule
-without a selection, and on tiny Fashion-MNIST files whose labels go up to 9.
+without a selection, and on tiny Fashion-MNIST files whose labels go up to 9. Also: every
+datamodule class offers the arguments of its bases, which it forwards through ``**kwargs``.
 """
 
 from __future__ import annotations
 
 import gzip
+import inspect
 import struct
 from pathlib import Path
 
@@ -15,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from kdzoo.datamodules import DataError, Digits, FashionMNIST
+import kdzoo.datamodules
+from kdzoo.datamodules import DataError, Digits, FashionMNIST, KDZooDataModule
 from kdzoo.errors import KDZooError
 
 
@@ -109,3 +112,30 @@ def test_fashion_mnist_files_keep_their_full_label_range(tmp_path: Path) -> None
     dm.setup("fit")
     assert dm.test.targets.tolist() == [0, 1, 2, 0, 1, 2]
     assert len(dm.train) + len(dm.val) == 12
+
+
+# Base arguments a class passes itself, so that they are not among its options.
+NOT_OFFERED = {"ImageFolder": {"classes"}, "FashionMNISTMosaics": {"labelled_list"}}
+DATAMODULES = [
+    cls
+    for cls in map(kdzoo.datamodules.__dict__.get, kdzoo.datamodules.__all__)
+    if isinstance(cls, type) and issubclass(cls, KDZooDataModule) and not inspect.isabstract(cls)
+]
+
+
+@pytest.mark.parametrize("cls", DATAMODULES, ids=lambda cls: cls.__name__)
+def test_options_include_every_argument_forwarded_to_the_bases(cls) -> None:
+    """``--data.help`` and configs see the arguments a class forwards through ``**kwargs``."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(cls, "data")
+    offered = set(parser.get_defaults().data.keys())
+    arguments = set()
+    for base in cls.__mro__:
+        if issubclass(base, KDZooDataModule) and "__init__" in vars(base):
+            parameters = inspect.signature(base.__init__).parameters.values()
+            arguments |= {p.name for p in parameters if p.kind == p.KEYWORD_ONLY}
+            arguments |= {p.name for p in parameters if p.kind == p.POSITIONAL_OR_KEYWORD}
+    assert {"root", "batch_size", "num_workers"} <= offered
+    assert offered == arguments - {"self"} - NOT_OFFERED.get(cls.__name__, set())

@@ -33,7 +33,7 @@ import kdzoo.hub
 from kdzoo.cli import KDCLI
 from kdzoo.errors import KDZooError
 from kdzoo.hub.export import EXPORT_FILES, ExportError, export_checkpoint, validate_name
-from kdzoo.hub.load import load_folder
+from kdzoo.hub.loading import load_folder
 from kdzoo.methods import KnowledgeConcentration
 from kdzoo.models.weights import WeightsError
 
@@ -429,12 +429,35 @@ def test_knowledge_concentration_is_refused(tmp_path) -> None:
     trainer.fit(module, datamodule=TinyData())
     (ckpt,) = tmp_path.rglob("*.ckpt")
     out = tmp_path / "out"
-    with pytest.raises(ExportError, match="SC head") as info:
+    with pytest.raises(ExportError, match="FC-SC head") as info:
         export_checkpoint(ckpt, "test_efficientnet.kc_tiny", out)
     message = str(info.value)
-    assert "classifier" in message and "plain timm model" in message
-    assert "classifier." in message  # names the keys that do not fit
+    assert "KnowledgeConcentration" in message and "plain timm model" in message
     assert not out.exists()
+
+
+def test_student_weights_that_do_not_fit_name_the_keys_and_the_likely_cause(tmp_path) -> None:
+    """The strict-load explanation: the keys, and whether only the classifier differs."""
+    from kdzoo.hub.export import _check_fits
+
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    state = dict(model.state_dict())
+    state["fc.blocks.0.weight"] = state.pop("fc.weight")  # a method's own classifier
+    ckpt = tmp_path / "run.ckpt"
+    with pytest.raises(ExportError) as info:
+        _check_fits(model, state, "test_resnet", "MyMethod", ckpt)
+    message = str(info.value)
+    for fragment in (
+        f"cannot export {ckpt}",
+        "missing keys (1): fc.weight",
+        "unexpected keys (1): fc.blocks.0.weight",
+        "classifier (fc) is not timm's: MyMethod replaced it",
+        "plain timm model",
+    ):
+        assert fragment in message, message
+    del state["conv1.0.weight"]  # beyond the classifier: not a timm model at all
+    with pytest.raises(ExportError, match="The student is not a plain timm model"):
+        _check_fits(model, state, "test_resnet", None, ckpt)
 
 
 def test_segmentation_checkpoint_is_refused(tmp_path) -> None:
@@ -442,8 +465,9 @@ def test_segmentation_checkpoint_is_refused(tmp_path) -> None:
 
     module = SegSupervised(student="test_resnet", num_classes=4, head="fcn")
     path = tmp_path / "seg.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
-    with pytest.raises(ExportError, match="segmentation checkpoint"):
+    hparams = {**module.hparams, "_class_path": "kdzoo.methods.SegSupervised"}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
+    with pytest.raises(ExportError, match="SegSupervised is a segmentation network"):
         export_checkpoint(path, "test_resnet.seg", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -451,7 +475,13 @@ def test_segmentation_checkpoint_is_refused(tmp_path) -> None:
 def test_not_a_kdzoo_checkpoint_is_refused(tmp_path) -> None:
     path = tmp_path / "weights.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(1)}}, path)
-    with pytest.raises(ExportError, match="not a checkpoint of a kdzoo classification method"):
+    with pytest.raises(ExportError, match="does not record which kdzoo method wrote it"):
+        export_checkpoint(path, "test_resnet.x", tmp_path / "out")
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "torch.nn.Linear"}}, path)
+    with pytest.raises(ExportError, match=r"torch\.nn\.Linear, which is not a kdzoo method"):
+        export_checkpoint(path, "test_resnet.x", tmp_path / "out")
+    torch.save({"state_dict": {}, "hyper_parameters": {"_class_path": "no_such_module.M"}}, path)
+    with pytest.raises(ExportError, match="cannot be imported"):
         export_checkpoint(path, "test_resnet.x", tmp_path / "out")
     torch.save(torch.zeros(2), path)
     with pytest.raises(ExportError, match="not a Lightning checkpoint"):

@@ -24,6 +24,7 @@ from kdzoo.models import (
     load_backbone_state,
     safe_torch_load,
 )
+from kdzoo.models.weights import load_strictly
 
 # (timm name, in_chans, model_kwargs): test_vit needs its image size set for 32x32 inputs.
 MODELS = [
@@ -163,6 +164,54 @@ def test_teacher_is_frozen_and_stays_in_eval_mode() -> None:
     parent.train()
     assert parent["head"].training
     assert all(not m.training for m in teacher.modules())
+
+
+def test_teacher_of_a_network_with_several_inputs() -> None:
+    """A cross-modal teacher: ``forward(*inputs)``, frozen, no re-normalisation."""
+
+    class TwoInputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(4, 2)
+            self.bn = torch.nn.BatchNorm1d(2)
+
+        def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return self.bn(self.a(x) + self.b(y))
+
+    network = TwoInputs()
+    teacher = Teacher(network)
+    torch.nn.ModuleDict({"teacher": teacher}).train()
+    assert not teacher.renormalise and not network.training and not network.bn.training
+    x, y = torch.randn(5, 3), torch.randn(5, 4)
+    out = teacher(x, y)
+    assert not out.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(out, network(x, y), rtol=0, atol=0)
+
+
+def test_load_strictly_names_the_keys_and_loads_nothing_that_does_not_fit() -> None:
+    network = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 4))
+    before = {k: v.clone() for k, v in network.state_dict().items()}
+    state = {k: torch.zeros_like(v) for k, v in before.items()}
+    del state["1.bias"]
+    state["0.weight"] = torch.zeros(5, 3)
+    state["2.weight"] = torch.zeros(1)
+    with pytest.raises(WeightsError) as info:
+        load_strictly(network, state, what="weights w.pt", into="the net", hint="Wrong net?")
+    message = str(info.value)
+    assert "\n" not in message
+    for fragment in (
+        "weights w.pt do not fit the net",
+        "missing keys (1): 1.bias",
+        "unexpected keys (1): 2.weight",
+        "0.weight: file (5, 3) vs model (2, 3)",
+        "Wrong net?",
+    ):
+        assert fragment in message, message
+    assert all(torch.equal(v, network.state_dict()[k]) for k, v in before.items())
+    fitting = {k: torch.ones_like(v) for k, v in before.items()}
+    load_strictly(network, fitting, what="weights", hint=lambda keys: f"never called {keys}")
+    assert all(torch.equal(v, fitting[k]) for k, v in network.state_dict().items())
 
 
 def test_teacher_output_has_no_autograd_graph() -> None:

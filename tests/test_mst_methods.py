@@ -22,6 +22,7 @@ from kdzoo.methods import CrossModalKD, MSTDistill, PairedSupervised
 from kdzoo.methods.crossmodal import GateNet, MaskNet1d, MaskNet2d, masked_layer
 from kdzoo.methods.crossmodal.masknet import build_masknet, mask_hidden_dim
 from kdzoo.models.multimodal import FusionNet, UnimodalNet, hook_point_names
+from kdzoo.models.teacher import Teacher
 
 K = 4
 SHAPES = [(10,), (2, 12)]  # m1: a vector, m2: a (C, L) sequence
@@ -209,7 +210,13 @@ def test_gate_is_one_affine_map():
 def test_one_expert_with_identity_mask_reduces_stage3_to_kd(tmp_path):
     alpha = 0.5
     module = chain(
-        tmp_path, 3, mm_layers=["fc1"], cm_layers=[], w_task=1 - alpha, w_kl=alpha, w_lb=7.0
+        tmp_path,
+        3,
+        mm_layers=["fc1"],
+        cm_layers=[],
+        task_weight=1 - alpha,
+        kl_weight=alpha,
+        lb_weight=7.0,
     )
     saturate(module.masknets[0])
     batch = paired_data(6)
@@ -251,12 +258,13 @@ def test_gate_weighted_routing_trains_the_gate_from_kd(tmp_path):
 
 def test_stage3_weight_schedule_matches_the_repo_loop(tmp_path):
     module = chain(tmp_path, 3)
-    w_kl, w_lb = 1.0, 1.0
+    kl_weight, lb_weight = 1.0, 1.0
     for epoch in range(101):  # the repo: decay after each epoch e, both firing after epoch 0
         weights = module.stage3_weights(epoch)
-        assert weights["route"] == pytest.approx(w_kl) and weights["lb"] == pytest.approx(w_lb)
-        w_lb *= 0.9 if epoch % 10 == 0 else 1
-        w_kl *= 0.5 if epoch % 30 == 0 else 1
+        assert weights["route"] == pytest.approx(kl_weight)
+        assert weights["lb"] == pytest.approx(lb_weight)
+        lb_weight *= 0.9 if epoch % 10 == 0 else 1
+        kl_weight *= 0.5 if epoch % 30 == 0 else 1
     assert module.stage3_weights(100)["route"] == pytest.approx(1 / 16)
 
 
@@ -364,7 +372,7 @@ def teachers(tmp_path_factory):
 
 @pytest.mark.parametrize("teacher", ["fusion", "m2"])
 def test_crossmodal_kd_from_a_frozen_teacher(teachers, teacher, tmp_path):
-    module = CrossModalKD(teacher_weights=teachers[teacher], target_modality=0, **ARCH)
+    module = CrossModalKD(teacher={"weights": teachers[teacher]}, target_modality=0, **ARCH)
     batch = paired_data(6)
     x_m1, x_m2, _ = batch
     inputs = (x_m1, x_m2) if teacher == "fusion" else (x_m2,)
@@ -382,15 +390,37 @@ def test_crossmodal_kd_from_a_frozen_teacher(teachers, teacher, tmp_path):
     trainer.save_checkpoint(tmp_path / "kd.ckpt")
     keys = torch.load(tmp_path / "kd.ckpt", weights_only=True)["state_dict"]
     assert keys and all(k.startswith("student.") for k in keys)
+    # The teacher is rebuilt from the plain `teacher` hyper-parameters on load.
+    restored = CrossModalKD.load_from_checkpoint(tmp_path / "kd.ckpt")
+    assert isinstance(restored.teacher, Teacher)
+    assert restored.hparams.teacher == {"weights": teachers[teacher]}
+    with torch.no_grad():
+        torch.testing.assert_close(restored.teacher(*inputs), module.teacher(*inputs))
+
+
+def test_crossmodal_teacher_is_a_frozen_teacher(teachers):
+    module = CrossModalKD(teacher={"weights": teachers["fusion"]}, target_modality=0, **ARCH)
+    module.train()
+    assert isinstance(module.teacher, Teacher) and module.student.training
+    assert all(not m.training for m in module.teacher.modules())
+    assert all(not p.requires_grad for p in module.teacher.parameters())
+    assert not [k for k in module.state_dict() if k.startswith("teacher.")]
+    x_m1, x_m2, _ = paired_data(4)
+    assert not module.teacher(x_m1, x_m2).requires_grad  # no autograd, even when enabled
+
+
+def test_crossmodal_kd_old_teacher_weights_argument_names_the_new_one(teachers):
+    with pytest.raises(ConfigError, match="teacher_weights is now teacher"):
+        CrossModalKD(teacher_weights=teachers["fusion"], target_modality=0, **ARCH)
 
 
 # ---- errors -----------------------------------------------------------------------------------
 def test_crossmodal_kd_rejects_a_teacher_for_the_wrong_modality_or_shape(teachers):
     with pytest.raises(ConfigError, match="the student's own modality"):
-        CrossModalKD(teacher_weights=teachers["m1"], target_modality=0, **ARCH)
+        CrossModalKD(teacher={"weights": teachers["m1"]}, target_modality=0, **ARCH)
     other = {**ARCH, "modality_shapes": [(10,), (2, 20)]}
     with pytest.raises(ConfigError, match=r"shapes .* but the data has"):
-        CrossModalKD(teacher_weights=teachers["m2"], target_modality=0, **other)
+        CrossModalKD(teacher={"weights": teachers["m2"]}, target_modality=0, **other)
 
 
 def test_configuration_errors(tmp_path):

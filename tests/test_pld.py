@@ -491,7 +491,6 @@ def test_teacher_with_other_number_of_classes_raises() -> None:
     [
         ({"temperature": 0.0}, "temperature must be > 0"),
         ({"pld_weight": 0.0}, "pld_weight must be > 0"),
-        ({"weighting": "softmax"}, "weighting must be"),
     ],
 )
 def test_bad_config_raises(options, pattern) -> None:

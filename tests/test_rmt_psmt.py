@@ -18,22 +18,26 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import kdzoo.methods.tta.rmt as rmt_module
+from kdzoo.datamodules import Digits
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import rmt_contrastive_loss, supcon_loss
+from kdzoo.methods.statistics import endless, source_loader
 from kdzoo.methods.tta import PSMT, RMT
 from kdzoo.methods.tta.psmt import global_quantile
-from kdzoo.methods.tta.source_data import build_source_loader, endless
 from kdzoo.models.teacher import TeacherSpec
 
 MEAN, STD = (0.3053,), (0.3759,)
 SOURCE_BS = 16
 
 
-def digits(train_subset: int = 64) -> dict:
-    return {
-        "class_path": "kdzoo.datamodules.Digits",
-        "init_args": {"train_subset": train_subset, "split_seed": 0},
-    }
+def digits(train_subset: int = 64) -> Digits:
+    """The labelled source data: a fresh datamodule per module (a method sets it up)."""
+    return Digits(train_subset=train_subset, split_seed=0)
+
+
+def set_up(datamodule: Digits) -> Digits:
+    datamodule.setup("fit")
+    return datamodule
 
 
 def make(cls, **kwargs):
@@ -135,7 +139,7 @@ def test_global_quantile_above_torch_quantile_limit():
 
 # ---- PSMT masked update oracles (spec 9.4) ------------------------------------------------------
 def psmt_with_moved_student(**kwargs) -> tuple[PSMT, dict, dict, dict]:
-    module = make(PSMT, lambda_fisher=0.0, **kwargs)
+    module = make(PSMT, fisher_weight=0.0, **kwargs)
     module.on_test_start()
     source = params(module.model)
     with torch.no_grad():
@@ -184,7 +188,7 @@ def test_psmt_paper_mask_freezes_teacher_and_single_ema_elsewhere():
 
 def test_psmt_zero_quantile_gives_empty_mask_and_double_ema(monkeypatch):
     m = 0.9
-    module = make(PSMT, lambda_fisher=0.0, quantile=0.0, momentum=m)
+    module = make(PSMT, fisher_weight=0.0, quantile=0.0, momentum=m)
     module.on_test_start()
     masks = []
     update = module.update_teacher_and_restore
@@ -205,7 +209,7 @@ def test_psmt_all_preserved_mask_never_changes_preserved_entries(monkeypatch):
     monkeypatch.setattr(
         "kdzoo.methods.tta.psmt.global_quantile", lambda values, q: values.max() + 1.0
     )
-    module = make(PSMT, lambda_fisher=0.0)  # code mode: preserved = restored to the source
+    module = make(PSMT, fisher_weight=0.0)  # code mode: preserved = restored to the source
     module.on_test_start()
     source = params(module.model)
     for seed in range(3):
@@ -213,7 +217,7 @@ def test_psmt_all_preserved_mask_never_changes_preserved_entries(monkeypatch):
     for model in (module.model, module.teacher):
         for name, value in params(model).items():
             torch.testing.assert_close(value, source[name], rtol=0, atol=0)
-    paper = make(PSMT, lambda_fisher=0.0, mask_mode="paper", rst=0.0)
+    paper = make(PSMT, fisher_weight=0.0, mask_mode="paper", rst=0.0)
     paper.on_test_start()
     teacher = params(paper.teacher)
     for seed in range(3):
@@ -225,39 +229,39 @@ def test_psmt_all_preserved_mask_never_changes_preserved_entries(monkeypatch):
 
 # ---- source data, prototypes, Fisher ------------------------------------------------------------
 def test_source_loader_reads_unaugmented_shuffled_train_split():
-    spec = digits(40)
-    loader = build_source_loader(spec, 16, seed=3)
+    data = set_up(digits(40))
+    loader = source_loader(data, 16, seed=3)
     first, again = loader.dataset[0][0], loader.dataset[0][0]
     torch.testing.assert_close(first, again)  # eval transform: no random augmentation
     sizes = [len(b[1]) for b in loader]
     assert sizes == [16, 16, 8]  # drop_last=False
-    order_a = torch.cat([b[1] for b in build_source_loader(spec, 16, seed=3)])
-    order_b = torch.cat([b[1] for b in build_source_loader(spec, 16, seed=3)])
+    order_a = torch.cat([b[1] for b in source_loader(data, 16, seed=3)])
+    order_b = torch.cat([b[1] for b in source_loader(data, 16, seed=3)])
     torch.testing.assert_close(order_a, order_b)
     assert len(list(zip(range(5), endless(loader), strict=False))) == 5  # restarts
-    assert len(build_source_loader(spec, 8, seed=0, num_examples=12).dataset) == 12
+    assert len(source_loader(data, 8, seed=0, num_examples=12).dataset) == 12
 
 
 def test_missing_source_data_is_a_clear_error():
     with pytest.raises(ConfigError, match="source_data"):
         make(RMT)
     with pytest.raises(ConfigError, match="source_data"):
-        make(RMT, lambda_src=0.0, warmup_samples=0)  # source-free still needs the prototypes
+        make(RMT, src_weight=0.0, warmup_samples=0)  # source-free still needs the prototypes
     with pytest.raises(ConfigError, match="source_data"):
         make(PSMT)
-    make(RMT, lambda_cont=0.0, lambda_src=0.0, warmup_samples=0)
-    make(PSMT, lambda_fisher=0.0)
+    make(RMT, cont_weight=0.0, src_weight=0.0, warmup_samples=0)
+    make(PSMT, fisher_weight=0.0)
 
 
 def test_prototypes_are_class_means_of_the_source_embeddings():
     module = make(
-        RMT, lambda_src=0.0, warmup_samples=0, source_data=digits(), source_batch_size=SOURCE_BS
+        RMT, src_weight=0.0, warmup_samples=0, source_data=digits(), source_batch_size=SOURCE_BS
     )
     source = copy.deepcopy(module.model)
     module.on_test_start()
     sums, counts = torch.zeros(10, source.embedding_dim), torch.zeros(10)
     with torch.no_grad():
-        for images, labels in build_source_loader(digits(), SOURCE_BS, seed=0):
+        for images, labels in source_loader(set_up(digits()), SOURCE_BS, seed=0):
             embedding = source(images).embedding
             for e, y in zip(embedding, labels, strict=True):
                 sums[y] += e
@@ -270,7 +274,7 @@ def test_fisher_is_mean_of_squared_batch_gradients():
     source = copy.deepcopy(module.model)
     module.on_test_start()
     expected = [torch.zeros_like(p) for p in source.parameters()]
-    loader = build_source_loader(digits(), SOURCE_BS, seed=0, num_examples=40)
+    loader = source_loader(set_up(digits()), SOURCE_BS, seed=0, num_examples=40)
     for images, _ in loader:
         source.zero_grad()
         logits = source(images).logits
@@ -322,7 +326,7 @@ def test_warmup_ramps_lr_and_gives_projector_no_gradient():
     module = make(
         RMT,
         warmup_samples=3 * SOURCE_BS + 5,  # S = 3 steps
-        lambda_src=0.0,
+        src_weight=0.0,
         source_data=digits(),
         source_batch_size=SOURCE_BS,
         cache=False,
@@ -359,7 +363,7 @@ def test_warmup_ramps_lr_and_gives_projector_no_gradient():
 def test_rmt_reduces_to_mt_sce_with_ensemble_prediction(monkeypatch):
     monkeypatch.setattr(rmt_module, "cotta_augment", lambda images, generator=None: images)
     m = 0.99
-    module = make(RMT, lambda_cont=0.0, lambda_src=0.0, warmup_samples=0, momentum=m)
+    module = make(RMT, cont_weight=0.0, src_weight=0.0, warmup_samples=0, momentum=m)
     student, teacher = copy.deepcopy(module.model), copy.deepcopy(module.model)
     module.on_test_start()
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-3)
@@ -385,7 +389,7 @@ def test_rmt_reduces_to_mt_sce_with_ensemble_prediction(monkeypatch):
     [
         (RMT, {"warmup_samples": SOURCE_BS, "source_data": digits(32), "cache": False}),
         (PSMT, {"source_data": digits(32), "fisher_samples": 32, "cache": False}),
-        (PSMT, {"lambda_fisher": 0.0, "mask_mode": "paper", "student_view": "augmented"}),
+        (PSMT, {"fisher_weight": 0.0, "mask_mode": "paper", "student_view": "augmented"}),
         (PSMT, {"source_data": digits(32), "fisher_samples": 32, "ewc_anchor": "previous"}),
     ],
 )

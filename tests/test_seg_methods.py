@@ -17,6 +17,7 @@ from trainer_helpers import quiet_trainer
 from kdzoo.errors import ConfigError
 from kdzoo.methods.segmentation import FST, LADTeacher, SegKD, SegSupervised, encode_labels
 from kdzoo.methods.segmentation import lad as lad_module
+from kdzoo.models.weights import WeightsError
 
 C = 4
 ARCH = {"student": "test_resnet", "num_classes": C, "head": "fcn", "output_stride": 8}
@@ -166,6 +167,18 @@ def test_segkd_refuses_a_teacher_for_other_classes(tmp_path):
     weights = _save_checkpoint(teacher, tmp_path / "other.ckpt")
     with pytest.raises(ConfigError, match="7 classes but the data has 4"):
         SegKD(teacher={"weights": weights}, **ARCH)
+
+
+def test_segkd_teacher_weights_that_do_not_fit_name_the_keys(tmp_path):
+    teacher = SegSupervised(**{**ARCH, "head": "fcn"})
+    weights = _save_checkpoint(teacher, tmp_path / "fcn.ckpt")
+    architecture = {"backbone": "test_resnet", "head": "psp", "output_stride": 8}
+    with pytest.raises(WeightsError) as info:
+        SegKD(teacher={"weights": weights, "architecture": architecture}, **ARCH)
+    message = str(info.value)
+    for fragment in (f"teacher weights {weights} do not fit", "test_resnet + psp", "missing keys"):
+        assert fragment in message, message
+    assert "Was it trained with this architecture?" in message
 
 
 def test_supervised_refuses_unlabelled_batches():

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from kdzoo.errors import ConfigError, KDZooError
 from kdzoo.hub import export_checkpoint
-from kdzoo.hub.load import load_folder
+from kdzoo.hub.loading import load_folder
 from kdzoo.methods import KD, DualHeadDistillation, KnowledgeConcentration, Supervised
 from kdzoo.methods.crossmodal import CrossModalKD
 from kdzoo.methods.segmentation import SegKD
@@ -38,8 +38,10 @@ def make_supervised(num_classes: int = 10) -> Supervised:
 
 
 def save_ckpt(module: Supervised, path: Path) -> Path:
-    """A checkpoint as Lightning writes it (state dict + flat hyper-parameters)."""
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    """A checkpoint as `kdzoo fit` writes it (state dict + flat hyper-parameters, with the
+    ``_class_path`` LightningCLI records)."""
+    hparams = {**module.hparams, "_class_path": f"kdzoo.methods.{type(module).__name__}"}
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
     return path
 
 
@@ -135,14 +137,18 @@ def test_crossmodal_teacher_needs_weights() -> None:
         "num_classes": 4,
         "modality_shapes": [(10,), (6,)],
     }
-    with pytest.raises(ConfigError, match="teacher_weights") as err:
-        CrossModalKD(teacher_weights=None, **arch)
-    assert "PairedSupervised" in one_line(err)
+    for teacher in ({"weights": None}, None):
+        with pytest.raises(ConfigError, match=r"teacher\.weights") as err:
+            CrossModalKD(teacher=teacher, **arch)
+        assert "PairedSupervised" in one_line(err)
+    # The former argument names the new one.
+    with pytest.raises(ConfigError, match="teacher_weights is now teacher"):
+        CrossModalKD(teacher_weights="run.ckpt", **arch)
 
 
 def test_clip_teacher_random_weights_are_asked_for() -> None:
     # open_clip is in the dev extra: a plain import, so CI cannot skip this test.
-    from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher
+    from kdzoo.models.clip import CLIPTeacherSpec, build_clip_teacher
 
     with pytest.raises(ConfigError, match="random") as err:
         build_clip_teacher(CLIPTeacherSpec(pretrained=None, image_size=32), ["a", "b"])

@@ -200,7 +200,6 @@ def test_ratios_are_detached_in_the_students_loss(monkeypatch) -> None:
     "kwargs, match",
     [
         ({"outer_every": 0}, "outer_every"),
-        ({"variant": "x"}, "variant"),
         ({"fusion_lr": 0}, "fusion_lr"),
     ],
 )

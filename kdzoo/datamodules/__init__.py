@@ -1,18 +1,17 @@
-"""LightningDataModules for image classification, one per dataset family.
+"""kdzoo's LightningDataModules, one per dataset family.
 
-Each resolves its data root (argument, ``$KDZOO_DATA``, known locations), downloads only in
-``prepare_data`` when ``download=True``, and exposes ``num_classes``, ``in_chans``, ``mean``,
-``std``, ``image_size`` and ``class_names`` before ``setup()`` so the CLI can link them to the
-model. Errors a user fixes (missing data, bad arguments, malformed files) are
-subclasses of :class:`kdzoo.errors.KDZooError`, which the ``kdzoo`` command prints as one line.
+Image classification (:mod:`~kdzoo.datamodules.base`), paired modalities
+(:mod:`~kdzoo.datamodules.paired`), semantic segmentation (:mod:`~kdzoo.datamodules.segmentation`)
+and corruption streams (:mod:`~kdzoo.datamodules.corruption_stream`) all derive from
+:class:`~kdzoo.datamodules.skeleton.KDZooDataModule`, which resolves the data root (argument,
+``$KDZOO_DATA``, known locations), downloads only in ``prepare_data`` when ``download=True``, and
+serves the loaders. Each exposes the properties the CLI links to the model (``num_classes``,
+``in_chans``, ``mean``, ``std``, ...) before ``setup()``. Errors a user fixes (missing data, bad
+arguments, malformed files) are subclasses of :class:`kdzoo.errors.KDZooError`, which the
+``kdzoo`` command prints as one line.
 """
 
-from kdzoo.datamodules.base import (
-    DataError,
-    DatasetNotFoundError,
-    ImageClassificationDataModule,
-    resolve_root,
-)
+from kdzoo.datamodules.base import ImageClassificationDataModule
 from kdzoo.datamodules.cifar import CIFAR10, CIFAR100
 from kdzoo.datamodules.corruption_stream import CorruptionStream
 from kdzoo.datamodules.digits import Digits
@@ -34,6 +33,8 @@ from kdzoo.datamodules.segmentation import (
     PascalVOC,
     SegmentationDataModule,
 )
+from kdzoo.datamodules.skeleton import DatasetNotFoundError, KDZooDataModule, resolve_root
+from kdzoo.errors import DataError
 
 __all__ = [
     "ADE20K",
@@ -53,6 +54,7 @@ __all__ = [
     "FeaturePairs",
     "ImageClassificationDataModule",
     "ImageFolder",
+    "KDZooDataModule",
     "NYUDepthV2",
     "PairedModalityDataModule",
     "PascalVOC",

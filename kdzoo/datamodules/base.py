@@ -4,7 +4,8 @@ Every DataModule here follows one contract so that a LightningCLI config can swa
 
 - the properties the CLI links to the model (``num_classes``, ``in_chans``, ``mean``, ``std``,
   ``image_size``, ``class_names``) are valid right after ``__init__``, before ``setup()``;
-- the dataset root is resolved by :func:`resolve_root` (the argument if given, else
+- the dataset root is resolved by the skeleton all kdzoo DataModules share
+  (:class:`~kdzoo.datamodules.skeleton.KDZooDataModule`: the argument if given, else
   ``$KDZOO_DATA/<subdir>``, the download cache, known system locations) and a missing dataset raises
   :class:`DatasetNotFoundError` saying where kdzoo looked and how to get the data;
 - downloads happen only in ``prepare_data()`` and only with ``download=True``;
@@ -19,18 +20,13 @@ Every DataModule here follows one contract so that a LightningCLI config can swa
   batches as the run that was never interrupted.
 """
 
-import os
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
-import lightning as L
 import numpy as np
 from albumentations.pytorch import ToTensorV2
-from lightning.fabric.utilities.data import AttributeDict
-from torch.utils.data import DataLoader
 
 from kdzoo.datamodules.loading import (
     ArrayDataset,
@@ -39,128 +35,46 @@ from kdzoo.datamodules.loading import (
     loader_start,
     seed_worker,
 )
-from kdzoo.errors import DataError, KDZooError
+from kdzoo.datamodules.skeleton import (
+    LINKED_DATA_ATTRIBUTES,
+    DatasetNotFoundError,
+    KDZooDataModule,
+    check_arg,
+    check_choice,
+    check_count,
+    check_fraction,
+    holdout_split,
+    resolve_root,
+    seeded_subset,
+)
+from kdzoo.errors import DataError
+
+# The loading and skeleton names are re-exported for the callers that import them from here.
+__all__ = [
+    "LINKED_DATA_ATTRIBUTES",
+    "DataError",
+    "DatasetNotFoundError",
+    "ImageClassificationDataModule",
+    "PredictSplit",
+    "ReseedingDataLoader",
+    "TransformedDataset",
+    "Transforms",
+    "loader_start",
+    "resolve_root",
+    "seed_worker",
+]
 
 Transforms = Sequence[A.BasicTransform | A.BaseCompose] | A.BaseCompose
-# One expected file, or a tuple of acceptable alternatives (e.g. plain or gzipped).
-Expected = str | tuple[str, ...]
+PredictSplit = Literal["test", "val", "train"]
 
 
-class DatasetNotFoundError(KDZooError, FileNotFoundError):
-    """A dataset's files are in none of the directories kdzoo looked in."""
-
-
-def _describe(item: Expected) -> str:
-    return item if isinstance(item, str) else " or ".join(item)
-
-
-def _has(directory: Path, item: Expected) -> bool:
-    names = (item,) if isinstance(item, str) else item
-    return any((directory / name).exists() for name in names)
-
-
-def resolve_root(
-    dataset: str,
-    root: str | os.PathLike | None,
-    subdir: str,
-    expected: Sequence[Expected],
-    *,
-    layouts: Sequence[str] = ("",),
-    system_dirs: Sequence[str | os.PathLike] = (),
-    how_to_get: Sequence[str] = (),
-) -> Path:
-    """Return the first directory that holds every ``expected`` file.
-
-    An explicit ``root`` is the only place searched: an argument the user typed is never silently
-    replaced by another copy of the data. Without it, the base directories are tried in this order:
-    ``$KDZOO_DATA/<subdir>``, ``~/.cache/kdzoo/data/<subdir>`` (where ``download=True`` puts data
-    when neither is set), then ``system_dirs``. Under each base, every entry of ``layouts`` (a
-    relative path, ``""`` for the base itself) is tried, so one dataset can accept e.g. both flat
-    files and torchvision's ``FashionMNIST/raw`` layout.
-
-    Raises:
-        DatasetNotFoundError: naming ``dataset``, every directory tried, the expected files and the
-            ``how_to_get`` hints.
-    """
-    bases: list[Path] = []
-    skipped = None
-    env = os.environ.get("KDZOO_DATA")
-    if root is not None:
-        bases.append(Path(root).expanduser())
-    else:
-        if env:
-            bases.append(Path(env).expanduser() / subdir)
-        else:
-            skipped = f"$KDZOO_DATA/{subdir} (skipped: $KDZOO_DATA is not set)"
-        bases.append(default_cache_dir(subdir))
-        bases.extend(Path(d) for d in system_dirs)
-
-    tried: list[Path] = []
-    for base in bases:
-        for layout in layouts:
-            directory = base / layout if layout else base
-            if directory in tried:
-                continue
-            tried.append(directory)
-            if all(_has(directory, item) for item in expected):
-                return directory
-
-    lines = [f"{dataset} not found. Looked in:"]
-    lines += [f"  - {d}" for d in tried]
-    if skipped:
-        lines.append(f"  - {skipped}")
-    lines.append("Expected files: " + ", ".join(_describe(item) for item in expected) + ".")
-    if how_to_get:
-        lines.append("To get it: " + "; or ".join(how_to_get) + ".")
-    raise DatasetNotFoundError("\n".join(lines))
-
-
-def default_cache_dir(subdir: str) -> Path:
-    """Where ``download=True`` stores data when neither ``root`` nor ``$KDZOO_DATA`` is set."""
-    return Path.home() / ".cache" / "kdzoo" / "data" / subdir
-
-
-def _check(name: str, value: Any, ok: bool, accepted: str) -> None:
-    if not ok:
-        raise DataError(f"{name} must be {accepted}, got {value!r}")
-
-
-#: The DataModule properties the ``kdzoo`` command passes to the model's arguments of the same
-#: name (a DataModule without one of them simply does not link it).
-LINKED_DATA_ATTRIBUTES = ("num_classes", "in_chans", "mean", "std", "modality_shapes")
-
-
-class ResolvedHparamsMixin:
-    """Log the resolved value of each argument that the ``kdzoo`` command links into the model.
-
-    An argument such as ``mean=None`` (the dataset's default) or ``in_chans=1`` with
-    ``grey_to_rgb`` resolves to another value, which the model receives. Lightning merges the
-    DataModule's and the model's ``hparams_initial`` before logging them and refuses shared keys
-    whose values differ, so the logged record holds the resolved values. ``hparams`` keeps the
-    arguments as given, so a DataModule saved in a checkpoint is rebuilt as it was configured.
-    """
-
-    @property
-    def hparams_initial(self) -> AttributeDict:
-        hparams = super().hparams_initial
-        for key in LINKED_DATA_ATTRIBUTES:
-            if key in hparams:
-                hparams[key] = getattr(self, key)
-        return hparams
-
-
-class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC):
+class ImageClassificationDataModule(KDZooDataModule):
     """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``.
 
     Subclasses set the class attributes describing their data and implement :meth:`load_data`,
     :meth:`train_transforms` and :meth:`eval_transforms`.
 
     Args:
-        root: directory holding the data (the only place searched when given); ``None`` searches
-            ``$KDZOO_DATA/<subdir>``, the download cache and known system locations (see
-            :func:`resolve_root`).
-        batch_size: samples per batch for every split.
-        num_workers: DataLoader worker processes (0 loads in the main process).
         val_fraction: share of the official train set held out for validation, in [0, 1).
         split_seed: seed of the train/val split and of the subsets.
         image_size: side length fed to the model; ``None`` keeps the native size.
@@ -177,16 +91,9 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
             are drawn after it. ``None`` keeps every class.
         predict_split: the split ``kdzoo predict`` runs over: ``"test"``, ``"val"`` or
             ``"train"`` (with the eval transforms, never the augmentations).
+        Other arguments (``root``, ``batch_size``, ``num_workers``): see
+            :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
-
-    name: str = "dataset"
-    #: ``$KDZOO_DATA/<data_subdir>`` and ``~/.cache/kdzoo/data/<data_subdir>`` are searched.
-    data_subdir: str = ""
-    layouts: tuple[str, ...] = ("",)
-    system_dirs: tuple[str, ...] = ()
-    expected_files: tuple[Expected, ...] = ()
-    install_hint: str | None = None
-    can_download: bool = False
 
     native_chans: int = 1
     native_size: int | None = None
@@ -196,9 +103,7 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
+        *,
         val_fraction: float = 0.1,
         split_seed: int = 0,
         image_size: int | None = None,
@@ -208,18 +113,18 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
         eval_subset: int | None = None,
         download: bool = False,
         classes: list[int] | None = None,
-        predict_split: Literal["test", "val", "train"] = "test",
+        predict_split: PredictSplit = "test",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        _check("val_fraction", val_fraction, 0.0 <= val_fraction < 1.0, "in [0, 1)")
-        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
-        _check("image_size", image_size, image_size is None or image_size >= 1, "None or >= 1")
-        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
-            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
-        self.save_hyperparameters()
-        self.root = root
+        super().__init__(**kwargs)
+        check_fraction("val_fraction", val_fraction, zero_ok=True)
+        check_count("split_seed", split_seed, 0)
+        check_arg("image_size", image_size, image_size is None or image_size >= 1, "None or >= 1")
+        check_count("train_subset", train_subset, optional=True)
+        check_count("eval_subset", eval_subset, optional=True)
+        # From Python, a misspelt split would fail only in setup(), as a bare KeyError.
+        check_choice("predict_split", predict_split, PredictSplit)
+        self.allow_download = download
         self.image_size: int = image_size if image_size is not None else self.native_size
         if self.image_size is None:
             raise DataError(f"{type(self).__name__} needs an explicit image_size")
@@ -227,10 +132,6 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
         self.classes = None if classes is None else [int(c) for c in classes]
         if self.classes is not None:
             self._check_classes()
-        self.train: TransformedDataset | None = None
-        self.val: TransformedDataset | None = None
-        self.test: TransformedDataset | None = None
-        self.predict: TransformedDataset | None = None
 
     # -- properties linked to the model by the CLI ------------------------------------------------
 
@@ -283,62 +184,6 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
         lookup[self.classes] = np.arange(len(self.classes))
         return lookup[targets]
 
-    # -- data location ----------------------------------------------------------------------------
-
-    def download_dir(self) -> Path:
-        """Where ``prepare_data()`` downloads to: ``root``, else ``$KDZOO_DATA/<subdir>``, else
-        the user cache."""
-        if self.root is not None:
-            return Path(self.root).expanduser()
-        env = os.environ.get("KDZOO_DATA")
-        if env:
-            return Path(env).expanduser() / self.data_subdir
-        return default_cache_dir(self.data_subdir)
-
-    def how_to_get(self) -> list[str]:
-        hints = []
-        if self.install_hint:
-            # An explicit root is the only place searched, so it must be dropped to use the
-            # system copy.
-            unset = " and leave --data.root unset" if self.root is not None else ""
-            hints.append(self.install_hint + unset)
-        places = " or ".join(f"DIR/{layout}" if layout else "DIR" for layout in self.layouts)
-        hints.append(f"pass --data.root DIR where {places} holds these files")
-        if self.can_download:
-            hints.append(
-                "pass --data.download true to let torchvision download it into "
-                f"{self.download_dir()}"
-            )
-        return hints
-
-    def find_root(self) -> Path:
-        """The directory holding this dataset's files (raises :class:`DatasetNotFoundError`)."""
-        return resolve_root(
-            self.name,
-            self.root,
-            self.data_subdir,
-            self.expected_files,
-            layouts=self.layouts,
-            system_dirs=self.system_dirs,
-            how_to_get=self.how_to_get(),
-        )
-
-    def download(self, directory: Path) -> None:
-        """Download the dataset into ``directory`` (subclasses with ``can_download``)."""
-        raise DataError(f"kdzoo cannot download {self.name}: {'; '.join(self.how_to_get())}")
-
-    def prepare_data(self) -> None:
-        """Check the data is present, downloading it first if missing and ``download=True``."""
-        try:
-            self.find_root()
-        except DatasetNotFoundError:
-            if not (self.hparams.download and self.can_download):
-                raise
-            directory = self.download_dir()
-            directory.mkdir(parents=True, exist_ok=True)
-            self.download(directory)
-            self.find_root()
-
     # -- datasets ---------------------------------------------------------------------------------
 
     @abstractmethod
@@ -353,20 +198,7 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
 
     def split_train_val(self, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Seeded random split of the official train set into ``(train, val)`` indices."""
-        n = len(targets)
-        n_val = round(n * self.hparams.val_fraction)
-        if n_val >= n:
-            raise DataError(f"val_fraction={self.hparams.val_fraction} leaves no training data")
-        perm = np.random.default_rng(self.hparams.split_seed).permutation(n)
-        return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-    def _subset(self, indices: np.ndarray, size: int | None, stream: int) -> np.ndarray:
-        if size is None or size >= len(indices):
-            return indices
-        # A generator per split (``stream``) so e.g. the val subset does not change with
-        # train_subset.
-        rng = np.random.default_rng([self.hparams.split_seed, stream])
-        return np.sort(rng.permutation(indices)[:size])
+        return holdout_split(len(targets), self.hparams.val_fraction, self.hparams.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:  # datasets do not depend on the stage: build them once
@@ -380,11 +212,12 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
             train_targets, test_targets = map(self.select_classes, (train_targets, test_targets))
             train_idx, val_idx = (idx[train_targets[idx] >= 0] for idx in (train_idx, val_idx))
             test_idx = test_idx[test_targets >= 0]
-        train_idx = self._subset(train_idx, self.hparams.train_subset, 1)
-        val_idx = self._subset(val_idx, self.hparams.eval_subset, 2)
-        test_idx = self._subset(test_idx, self.hparams.eval_subset, 3)
+        seed = self.hparams.split_seed
+        train_idx = seeded_subset(train_idx, self.hparams.train_subset, seed, 1)
+        val_idx = seeded_subset(val_idx, self.hparams.eval_subset, seed, 2)
+        test_idx = seeded_subset(test_idx, self.hparams.eval_subset, seed, 3)
 
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = self.global_rank
         train_tf = self.build_transform(train=self.hparams.augment)
         self.train = self.make_dataset(train_items, train_targets, train_idx, train_tf, rank)
         # Each dataset gets its own Compose: they must not share one RNG.
@@ -428,32 +261,3 @@ class ImageClassificationDataModule(ResolvedHparamsMixin, L.LightningDataModule,
                 ToTensorV2(),
             ]
         )
-
-    # -- loaders ----------------------------------------------------------------------------------
-
-    def _loader(self, dataset: TransformedDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
-        workers = self.hparams.num_workers
-        return ReseedingDataLoader(
-            dataset,
-            batch_size=self.hparams.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            worker_init_fn=seed_worker,
-            drop_last=False,
-            **loader_start(self.trainer, train=shuffle),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict, shuffle=False)

@@ -28,23 +28,35 @@ int64 labels, int64 domain index into :attr:`CorruptionStream.domains`. Under DD
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import albumentations as A
-import lightning as L
 import numpy as np
-import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
-from kdzoo.corruptions import CORRUPTIONS, METADATA_FILE
-from kdzoo.datamodules.base import DataError, DatasetNotFoundError, resolve_root
+from kdzoo.corruptions import CORRUPTIONS
 from kdzoo.datamodules.cifar import CIFAR10, CIFAR100
+from kdzoo.datamodules.corruption_files import (
+    StreamBatches,
+    folder_listing,
+    folder_sources,
+    layout_files,
+    npy_header,
+    npy_sources,
+    read_npy_labels,
+)
 from kdzoo.datamodules.fashion_mnist import FashionMNIST
+from kdzoo.datamodules.skeleton import (
+    DatasetNotFoundError,
+    KDZooDataModule,
+    check_arg,
+    check_choice,
+    resolve_root,
+)
+from kdzoo.errors import DataError
 
 __all__ = ["CorruptionStream", "StreamBlock", "stream_blocks"]
 
@@ -57,7 +69,7 @@ _IMAGENET = {
 }
 # Known sets: the clean datamodule whose normalisation a source trained by ``kdzoo fit`` used.
 _CLEAN = {"FashionMNIST-C": FashionMNIST, "CIFAR-10-C": CIFAR10, "CIFAR-100-C": CIFAR100}
-_IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
+Setting = Literal["continual", "gradual"]
 
 
 @dataclass(frozen=True)
@@ -93,58 +105,7 @@ def stream_blocks(
     return blocks
 
 
-class _StreamBatches(Dataset):
-    """Item ``i`` is the ``i``-th batch of the stream, already collated.
-
-    ``batches`` holds ``(domain, source, image_keys, labels)``; a source is a ``.npy`` path
-    (keys are row indices, read through a per-process memory map) or ``None`` for image files
-    (keys are paths).
-    """
-
-    def __init__(self, batches, transform, mean, std, grey_to_rgb: bool) -> None:
-        self.batches = batches
-        self.transform = transform
-        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.grey_to_rgb = grey_to_rgb
-        self._maps: dict[str, np.ndarray] = {}
-
-    def __getstate__(self):  # memory maps are reopened in each worker, never pickled
-        return {**self.__dict__, "_maps": {}}
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-    def _load(self, source: str | None, keys) -> np.ndarray:
-        if source is None:
-            images = [np.asarray(Image.open(p).convert("RGB")) for p in keys]
-            shapes = {im.shape for im in images}
-            if len(shapes) > 1:
-                raise DataError(
-                    f"images of different sizes {sorted(shapes)} in one batch (e.g. {keys[0]}); "
-                    "set data.image_size to resize them"
-                )
-            return np.stack(images)
-        if source not in self._maps:
-            self._maps[source] = np.load(source, mmap_mode="r")
-        images = np.asarray(self._maps[source][keys])
-        return images[..., None] if images.ndim == 3 else images
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        domain, source, keys, labels = self.batches[i]
-        images = self._load(source, keys)
-        if self.transform is not None:
-            images = np.stack([self.transform(image=im)["image"] for im in images])
-            images = images[..., None] if images.ndim == 3 else images
-        x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
-        if self.grey_to_rgb and x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        x = ((x - self.mean) / self.std).contiguous()
-        y = torch.as_tensor(labels, dtype=torch.int64)
-        return x, y, torch.full((len(y),), domain, dtype=torch.int64)
-
-
-class CorruptionStream(L.LightningDataModule):
+class CorruptionStream(KDZooDataModule):
     """A corruption benchmark as one test stream of domains, for ``kdzoo test`` with a TTA model.
 
     Args:
@@ -164,7 +125,6 @@ class CorruptionStream(L.LightningDataModule):
             ``(shuffle_seed, block index)`` (the current benchmark's per-domain shuffle; the same
             permutations for every method, though not Python ``random``'s).
         batch_size: images per batch (benchmark: 200 for CIFAR, 64 for ImageNet-C).
-        num_workers: DataLoader worker processes.
         mean: per-channel normalisation of the [0, 1] images. ``None``: the clean datamodule's
             for FashionMNIST-C / CIFAR-10-C / CIFAR-100-C (so that a source trained by
             ``kdzoo fit --data FashionMNIST`` matches), ImageNet's for ImageNet-C, and 0 (no
@@ -173,56 +133,49 @@ class CorruptionStream(L.LightningDataModule):
         image_size: resize to this side (bilinear, as the clean datamodules); ``None`` keeps
             the native size.
         grey_to_rgb: replicate grey images to 3 channels (as the clean datamodules' option).
+        Other arguments (``num_workers``): see
+            :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
+
+    # mean/std stay out of hparams: the model receives the resolved values through the CLI link,
+    # and Lightning refuses to log hparams whose shared keys differ.
+    unsaved_arguments = ("mean", "std")
 
     def __init__(
         self,
         root: str | None = None,
+        *,
         dataset: str = "CIFAR-10-C",
         corruptions: list[str] | None = None,
-        setting: Literal["continual", "gradual"] = "continual",
+        setting: Setting = "continual",
         severity: int = 5,
         repeats: int = 1,
         num_examples: int | None = None,
         shuffle_seed: int | None = None,
         batch_size: int = 200,
-        num_workers: int = 0,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         image_size: int | None = None,
         grey_to_rgb: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        # Before super().__init__, which saves the arguments: hparams hold the actual list.
         corruptions = list(CORRUPTIONS if corruptions is None else corruptions)
-        problems = []
-        if not dataset or Path(dataset).name != dataset:
-            problems.append(f"dataset must be a folder name, got {dataset!r}")
-        if not corruptions or not all(isinstance(c, str) and c for c in corruptions):
-            problems.append(f"corruptions must be non-empty names, got {corruptions!r}")
-        if setting not in ("continual", "gradual"):
-            problems.append(f"setting must be 'continual' or 'gradual', got {setting!r}")
-        if severity not in (1, 2, 3, 4, 5):
-            problems.append(f"severity must be 1..5, got {severity!r}")
-        for arg, value in (("repeats", repeats), ("batch_size", batch_size)):
-            if value < 1:
-                problems.append(f"{arg} must be >= 1, got {value!r}")
-        if num_examples is not None and num_examples < 1:
-            problems.append(f"num_examples must be None or >= 1, got {num_examples!r}")
-        if shuffle_seed is not None and shuffle_seed < 0:
-            problems.append(f"shuffle_seed must be None or >= 0, got {shuffle_seed!r}")
-        if num_workers < 0:
-            problems.append(f"num_workers must be >= 0, got {num_workers!r}")
-        if image_size is not None and image_size < 1:
-            problems.append(f"image_size must be None or >= 1, got {image_size!r}")
+        ok = bool(dataset) and Path(dataset).name == dataset
+        check_arg("dataset", dataset, ok, "a folder name")
+        ok = bool(corruptions) and all(isinstance(c, str) and c for c in corruptions)
+        check_arg("corruptions", corruptions, ok, "non-empty names")
+        # From Python, a misspelt setting would silently give the continual stream.
+        check_choice("setting", setting, Setting)
+        check_arg("severity", severity, severity in (1, 2, 3, 4, 5), "1..5")
+        check_arg("repeats", repeats, repeats >= 1, ">= 1")
+        optional = [("num_examples", num_examples, 1), ("shuffle_seed", shuffle_seed, 0)]
+        for arg, value, low in [*optional, ("image_size", image_size, 1)]:
+            check_arg(arg, value, value is None or value >= low, f"None or >= {low}")
         if std is not None and min(std, default=1.0) <= 0:
-            problems.append(f"std values must be > 0, got {std!r}")
-        if problems:
-            raise DataError("; ".join(problems))
-        # mean/std stay out of hparams: the model receives the resolved values through the CLI
-        # link, and Lightning refuses to log hparams whose shared keys differ.
-        self.save_hyperparameters(ignore=["mean", "std"])
+            raise DataError(f"std values must be > 0, got {std!r}")
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
         self._given = {"mean": mean, "std": std}
-        self.root = root
         self.dataset = dataset
         self.corruptions = corruptions
         self.blocks = stream_blocks(corruptions, setting, severity, repeats)
@@ -230,7 +183,11 @@ class CorruptionStream(L.LightningDataModule):
         self._layout: str | None = None
         self._native: tuple[int, int, int] | None = None  # (H, W, C) read from the files
         self._num_classes: int | None = None
-        self._batches: _StreamBatches | None = None
+
+    @property
+    def name(self) -> str:
+        """The set's folder name, which names it in messages."""
+        return self.dataset
 
     # -- properties linked to the model by the CLI (valid before setup for the known sets) ----
 
@@ -302,9 +259,9 @@ class CorruptionStream(L.LightningDataModule):
             raise DataError(f"data.{key} must have in_chans={self.in_chans} values, got {values}")
         return values
 
-    # -- locating and checking the files ---------------------------------------------------------
+    # -- locating and reading the files ----------------------------------------------------------
 
-    def _how_to_get(self) -> list[str]:
+    def how_to_get(self) -> list[str]:
         where = self.root or "DIR"
         hints = [f"pass --data.root DIR where DIR/{self.dataset} holds these files"]
         generate = "python tools/make_corruptions.py {} --out " + str(where)
@@ -339,9 +296,7 @@ class CorruptionStream(L.LightningDataModule):
         """The ``<dataset>`` folder; :class:`DatasetNotFoundError` names what is missing."""
         if self._root is not None:
             return self._root
-        npy = ["labels.npy", *(f"{c}.npy" for c in self.corruptions)]
-        folders = [f"{c}/{s}" for c in self.corruptions for s in self._needed_severities()]
-        layouts = {"npy": npy, "folders": folders}
+        layouts = layout_files(self.corruptions, self._needed_severities())
         first = "folders" if self.dataset.startswith("ImageNet") else "npy"
         order = [first, "npy" if first == "folders" else "folders"]
         errors = {}
@@ -353,7 +308,7 @@ class CorruptionStream(L.LightningDataModule):
                     "",
                     layouts[layout],
                     layouts=(self.dataset,),
-                    how_to_get=self._how_to_get(),
+                    how_to_get=self.how_to_get(),
                 )
             except DatasetNotFoundError as err:
                 errors[layout] = err
@@ -370,15 +325,9 @@ class CorruptionStream(L.LightningDataModule):
             message = str(errors[layout]) + "\nMissing: " + ", ".join(missing)
         raise DatasetNotFoundError(message)
 
-    def _severity_slots(self, root: Path) -> list[int]:
-        """Which severities a ``.npy`` set stacks, in order (1..5 unless its metadata says)."""
-        meta = root / METADATA_FILE
-        if meta.is_file():
-            try:
-                return [int(s) for s in json.loads(meta.read_text())["severities"]]
-            except (ValueError, KeyError, TypeError) as err:
-                raise DataError(f"{meta}: unreadable 'severities' ({err})") from None
-        return [1, 2, 3, 4, 5]
+    def _first_folder(self, root: Path) -> Path:
+        """The folder of the first corruption at the first needed severity (folder layout)."""
+        return root / self.corruptions[0] / str(self._needed_severities()[0])
 
     def _read_header(self) -> tuple[int, int, int]:
         """``(H, W, C)`` of the first corruption's images; sets the class count on the way."""
@@ -386,42 +335,24 @@ class CorruptionStream(L.LightningDataModule):
             return self._native
         root = self.find_root()
         if self._layout == "npy":
-            images = np.load(root / f"{self.corruptions[0]}.npy", mmap_mode="r")
-            shape = images.shape[1:] if images.ndim == 4 else (*images.shape[1:], 1)
-            labels = np.load(root / "labels.npy", mmap_mode="r")
-            self._num_classes = int(labels.max()) + 1 if len(labels) else 0
+            self._native, self._num_classes = npy_header(root, self.corruptions[0])
         else:
-            wnids, paths = self._folder_listing(root)
-            image = np.asarray(Image.open(paths[0]).convert("RGB"))
-            shape = image.shape
+            wnids, paths = folder_listing(self._first_folder(root))
+            shape = np.asarray(Image.open(paths[0]).convert("RGB")).shape
+            self._native = (int(shape[0]), int(shape[1]), int(shape[2]))
             self._num_classes = len(wnids)
-        self._native = (int(shape[0]), int(shape[1]), int(shape[2]))
         return self._native
-
-    def _folder_listing(self, root: Path) -> tuple[list[str], list[Path]]:
-        """Sorted wnids and the sorted image paths of the first needed corruption/severity."""
-        first = root / self.corruptions[0] / str(self._needed_severities()[0])
-        wnids = sorted(e.name for e in os.scandir(first) if e.is_dir())
-        paths = [
-            first / w / f
-            for w in wnids
-            for f in sorted(os.listdir(first / w))
-            if f.lower().endswith(_IMAGE_SUFFIXES)
-        ]
-        if not paths:
-            raise DataError(f"{first}: no images in <wnid>/ subfolders")
-        return wnids, paths
 
     # -- the stream ------------------------------------------------------------------------------
 
     def setup(self, stage: str | None = None) -> None:
-        if self._batches is not None:
+        if self.test is not None:
             return
         root = self.find_root()
         if self._layout == "npy":
-            sources = self._npy_blocks(root)
+            sources = self._npy_sources(root)
         else:
-            sources = self._folder_blocks(root)
+            sources = self._folder_sources(root)
         h, w, c = self._read_header()
         expected_chans = self.native_chans
         if self.dataset in _CLEAN or self.dataset == "ImageNet-C":
@@ -439,7 +370,7 @@ class CorruptionStream(L.LightningDataModule):
             raise DataError(f"{root}: no labels")
 
         batches = []
-        size = self.hparams.batch_size
+        size = self.batch_size
         for domain, (source, keys, labels) in enumerate(sources):
             keys, labels = self._order(domain, keys, labels)
             for start in range(0, len(labels), size):
@@ -448,7 +379,7 @@ class CorruptionStream(L.LightningDataModule):
         transform = None
         if self.image_size != w or self.image_size != h:
             transform = A.Resize(self.image_size, self.image_size)
-        self._batches = _StreamBatches(
+        self.test = self.predict = StreamBatches(
             batches, transform, self.mean, self.std, self.hparams.grey_to_rgb
         )
 
@@ -461,93 +392,40 @@ class CorruptionStream(L.LightningDataModule):
         keys = keys[perm] if isinstance(keys, np.ndarray) else [keys[i] for i in perm]
         return keys, labels[perm]
 
-    def _npy_blocks(self, root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
-        labels = np.load(root / "labels.npy")
-        slots = self._severity_slots(root)
-        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{root / 'labels.npy'}: expected integer labels, got {labels.dtype}")
-        if len(labels) == 0 or len(labels) % len(slots):
-            raise DataError(
-                f"{root / 'labels.npy'}: {len(labels)} labels do not split into "
-                f"{len(slots)} severities"
-            )
+    def _npy_sources(self, root: Path) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        labels, slots = read_npy_labels(root)
         if labels.min() < 0 or labels.max() >= self.num_classes:
             raise DataError(
                 f"{root / 'labels.npy'}: labels {int(labels.min())}..{int(labels.max())} "
                 f"out of range 0..{self.num_classes - 1} for {self.dataset}"
             )
-        per = len(labels) // len(slots)
-        n = per if self.hparams.num_examples is None else min(per, self.hparams.num_examples)
-        shapes = {}
-        for c in self.corruptions:
-            path = root / f"{c}.npy"
-            try:
-                images = np.load(path, mmap_mode="r")
-            except ValueError as err:
-                raise DataError(f"{path}: not a readable .npy file ({err})") from None
-            if images.dtype != np.uint8 or images.ndim not in (3, 4):
-                raise DataError(
-                    f"{path}: expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}"
-                )
-            if len(images) != len(labels):
-                raise DataError(f"{path}: {len(images)} images but {len(labels)} labels")
-            shapes[c] = images.shape[1:] if images.ndim == 4 else (*images.shape[1:], 1)
-        if len(set(shapes.values())) > 1:
-            raise DataError(
-                f"{root}: the corruption files hold images of different shapes {shapes}"
-            )
-        missing = [s for s in self._needed_severities() if s not in slots]
-        if missing:
-            raise DataError(
-                f"{root}: severities {missing} are not in the files (they hold {slots})"
-            )
-        sources = []
-        for block in self.blocks:
-            start = slots.index(block.severity) * per
-            keys = np.arange(start, start + n)
-            sources.append((str(root / f"{block.corruption}.npy"), keys, labels[keys]))
-        return sources
+        num_examples = self.hparams.num_examples
+        return npy_sources(root, labels, slots, self.corruptions, self.blocks, num_examples)
 
-    def _folder_blocks(self, root: Path) -> list[tuple[None, list[Path], np.ndarray]]:
-        wnids, paths = self._folder_listing(root)
+    def _folder_sources(self, root: Path) -> list[tuple[None, list[Path], np.ndarray]]:
+        first = self._first_folder(root)
+        listing = folder_listing(first)
+        wnids = listing[0]
         if self.dataset == "ImageNet-C" and len(wnids) != _IMAGENET["num_classes"]:
             raise DataError(
                 f"{root}: ImageNet-C should have 1000 wnid folders per corruption/severity, "
                 f"found {len(wnids)}"
             )
-        first = root / self.corruptions[0] / str(self._needed_severities()[0])
-        relative = [p.relative_to(first) for p in paths]
-        index = {w: i for i, w in enumerate(wnids)}
-        labels = np.array([index[r.parts[0]] for r in relative], dtype=np.int64)
-        num = self.hparams.num_examples
-        if num is not None and num < len(relative):
-            keep = np.sort(np.random.default_rng(0).choice(len(relative), num, replace=False))
-            relative, labels = [relative[i] for i in keep], labels[keep]
-        sources = []
-        for block in self.blocks:
-            folder = root / block.corruption / str(block.severity)
-            sources.append((None, [folder / r for r in relative], labels))
-        return sources
+        return folder_sources(root, first, listing, self.blocks, self.hparams.num_examples)
 
     # -- loaders ---------------------------------------------------------------------------------
 
-    def _loader(self) -> DataLoader:
-        if self._batches is None:
-            raise RuntimeError("call CorruptionStream.setup() before asking for a dataloader")
-        workers = self.hparams.num_workers
-        # batch_size=None: each item is a whole batch of one block, in stream order.
+    def loader(self, dataset: Any, train: bool = False, **kwargs: Any) -> DataLoader:
+        # Each item is a whole batch of one block, in stream order (batch_size=None). A plain
+        # DataLoader, not the skeleton's ReseedingDataLoader: the stream is neither shuffled nor
+        # augmented, and a ReseedingDataLoader would draw otherwise from the global RNG, which
+        # the TTA methods draw from too.
         return DataLoader(
-            self._batches,
+            self.require_setup(dataset),
             batch_size=None,
             shuffle=False,
-            num_workers=workers,
+            num_workers=self.num_workers,
         )
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader()
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader()
 
     def train_dataloader(self) -> DataLoader:
         raise DataError(

@@ -6,7 +6,7 @@ dataset kdzoo's tests and quick presets run on. There is no official test split;
 stratified 20 % is held out as the test set.
 """
 
-from typing import Literal
+from typing import Any
 
 import albumentations as A
 import cv2
@@ -47,38 +47,9 @@ class Digits(ImageClassificationDataModule):
     native_std = (0.3759,)
     default_class_names = tuple(str(d) for d in range(10))
 
-    # The signature is repeated so that `--print_config` shows this dataset's image_size default.
-    def __init__(
-        self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
-        image_size: int | None = 32,
-        grey_to_rgb: bool = False,
-        augment: bool = True,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        download: bool = False,
-        classes: list[int] | None = None,
-        predict_split: Literal["test", "val", "train"] = "test",
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            image_size=image_size,
-            grey_to_rgb=grey_to_rgb,
-            augment=augment,
-            train_subset=train_subset,
-            eval_subset=eval_subset,
-            download=download,
-            classes=classes,
-            predict_split=predict_split,
-        )
+    # image_size is restated for its default, which `--data.help` and `--print_config` show.
+    def __init__(self, *, image_size: int | None = 32, **kwargs: Any) -> None:
+        super().__init__(image_size=image_size, **kwargs)
 
     def prepare_data(self) -> None:
         """Nothing to fetch: the data ships with scikit-learn."""

@@ -16,7 +16,9 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from kdzoo.datamodules.base import DataError, ImageClassificationDataModule, Transforms
+from kdzoo.datamodules.base import ImageClassificationDataModule, Transforms
+from kdzoo.datamodules.skeleton import DatasetNotFoundError
+from kdzoo.errors import DataError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
@@ -140,3 +142,17 @@ class FashionMNIST(ImageClassificationDataModule):
 
     def eval_transforms(self) -> Transforms:
         return self.resize()
+
+
+def find_fashion_mnist(root: str | None, user: str) -> Path:
+    """The Fashion-MNIST directory of a dataset generated from it, searched as
+    :class:`FashionMNIST` searches; the missing-data error says that ``user`` (a sentence, e.g.
+    "X renders Fashion-MNIST items") needs it and how to fetch it."""
+    fmnist = FashionMNIST(root=root)
+    fmnist.can_download = False  # its hint would name --data.download, which the user lacks
+    try:
+        return fmnist.find_root()
+    except DatasetNotFoundError as e:
+        raise DatasetNotFoundError(
+            f"{e}\n{user}: `python -m kdzoo.datamodules FashionMNIST --download` also fetches it."
+        ) from None

@@ -13,19 +13,16 @@ decode, is an error that names it (``skip_broken_images`` drops unreadable files
 
 import sys
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import albumentations as A
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from kdzoo.datamodules.base import (
-    DataError,
-    DatasetNotFoundError,
-    ImageClassificationDataModule,
-    TransformedDataset,
-    Transforms,
-)
+from kdzoo.datamodules.base import ImageClassificationDataModule, PredictSplit, Transforms
+from kdzoo.datamodules.loading import TransformedDataset
+from kdzoo.datamodules.skeleton import DatasetNotFoundError
+from kdzoo.errors import DataError
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -162,38 +159,20 @@ class ImageFolder(ImageClassificationDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        val_fraction: float = 0.1,
-        split_seed: int = 0,
+        *,
         image_size: int = 224,
-        grey_to_rgb: bool = False,
-        augment: bool = True,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        download: bool = False,
         in_chans: int = 3,
         mean: tuple[float, ...] | None = None,
         std: tuple[float, ...] | None = None,
         skip_broken_images: bool = False,
-        predict_split: Literal["test", "val", "train"] = "test",
+        predict_split: PredictSplit = "test",
         predict_dir: str | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            image_size=image_size,
-            grey_to_rgb=grey_to_rgb,
-            augment=augment,
-            train_subset=train_subset,
-            eval_subset=eval_subset,
-            download=download,
-            predict_split=predict_split,
-        )
+        # No class selection: the class names are the folder names, which data.classes would
+        # need in __init__, before the data is located (passing it here keeps it out of the
+        # options).
+        super().__init__(image_size=image_size, predict_split=predict_split, classes=None, **kwargs)
         if in_chans not in (1, 3):
             raise DataError(f"in_chans must be 1 or 3, got {in_chans!r}")
         self.native_chans = in_chans
@@ -291,7 +270,6 @@ class ImageFolder(ImageClassificationDataModule):
 
     def _predict_dir_dataset(self) -> TransformedDataset:
         """The ``predict_dir`` images (label -1) with the eval transforms."""
-        rank = self.trainer.global_rank if self.trainer is not None else 0
         transform = self.build_transform(train=False)
         directory = Path(self.predict_dir).expanduser()
         paths = _image_files(directory, recursive=True) if directory.is_dir() else []
@@ -303,7 +281,7 @@ class ImageFolder(ImageClassificationDataModule):
                 f"predict_dir {directory} {problem} (searched recursively for the extensions "
                 f"{', '.join(IMG_EXTENSIONS)}): pass a folder of images"
             )
-        return self.make_dataset(paths, [-1] * len(paths), None, transform, rank)
+        return self.make_dataset(paths, [-1] * len(paths), None, transform, self.global_rank)
 
     @property
     def _mode(self) -> str:

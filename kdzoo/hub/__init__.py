@@ -16,13 +16,20 @@ with ``torch.load(weights_only=True)`` (:func:`kdzoo.models.weights.safe_torch_l
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from torch import nn
+if TYPE_CHECKING:
+    from torch import nn
 
-from kdzoo.hub.export import export_checkpoint
-from kdzoo.hub.fetch import DownloadError, cache_dir, download, verify
-from kdzoo.hub.load import load_folder
-from kdzoo.hub.manifest import ManifestEntry, ManifestError, default_manifest_path, read_manifest
+    from kdzoo.hub.export import export_checkpoint
+    from kdzoo.hub.fetch import DownloadError, cache_dir, download, verify
+    from kdzoo.hub.loading import load_folder
+    from kdzoo.hub.manifest import (
+        ManifestEntry,
+        ManifestError,
+        default_manifest_path,
+        read_manifest,
+    )
 
 __all__ = [
     "DownloadError",
@@ -39,10 +46,34 @@ __all__ = [
 ]
 
 
+def __getattr__(name: str) -> Any:
+    # Imported on first use: a teacher with ``hub:NAME`` weights needs only the downloader
+    # (kdzoo.hub.fetch), and ``kdzoo hub list`` only the manifest; neither should pay for the
+    # exporter and the model builder, which import timm and kdzoo.models.
+    if name == "export_checkpoint":
+        from kdzoo.hub import export as module
+    elif name in ("DownloadError", "cache_dir", "download", "verify"):
+        from kdzoo.hub import fetch as module
+    elif name == "load_folder":
+        from kdzoo.hub import loading as module
+    elif name in ("ManifestEntry", "ManifestError", "default_manifest_path", "read_manifest"):
+        from kdzoo.hub import manifest as module
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(module, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 def load(name_or_path: str | Path, *, manifest_path: str | Path | None = None) -> nn.Module:
     """A ready timm model in eval mode: from an exported folder (or its ``model.safetensors``)
     when ``name_or_path`` exists on disk, else from the hub entry of that name (downloaded and
     verified once, then served from the cache)."""
+    from kdzoo.hub.fetch import download
+    from kdzoo.hub.loading import load_folder
+
     path = Path(name_or_path)
     if path.exists():
         return load_folder(path)

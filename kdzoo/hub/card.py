@@ -12,29 +12,9 @@ import timm
 
 import kdzoo.models  # noqa: F401  (registers the CIFAR nets, whose cards need `import kdzoo.models`)
 
-__all__ = ["CITATIONS", "model_card"]
+__all__ = ["model_card"]
 
 WEIGHTS_FILE = "model.safetensors"
-
-#: Paper of each method, by LightningModule class name, for the model card.
-CITATIONS: dict[str, str] = {
-    "KD": 'Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural Network". NIPS 2014 '
-    "Deep Learning Workshop, arXiv:1503.02531",
-    "DKD": 'Zhao, Cui, Song, Qiu, Liang. "Decoupled Knowledge Distillation". CVPR 2022, '
-    "arXiv:2203.08679",
-    "DIST": 'Huang, You, Wang, Qian, Xu. "Knowledge Distillation from A Stronger Teacher". '
-    "NeurIPS 2022, arXiv:2205.10536",
-    "ND": 'Wang, Cheng, Yao, Chen, Zhang, Li, Zhang. "Improving Knowledge Distillation via '
-    'Regularizing Feature Norm and Direction". ECCV 2024, arXiv:2305.17007',
-    "PLD": 'Bassam, Zhu, Bian. "PLD: A Choice-Theoretic List-Wise Knowledge Distillation". '
-    "NeurIPS 2025, arXiv:2506.12542",
-    "TGeoKD": 'Hu, Wu, et al. "Less or More From Teacher: Exploiting Trilateral Geometry For '
-    'Knowledge Distillation". ICLR 2024, arXiv:2312.15112',
-    "MCMITeacher": 'Ye, Hamidi, Tan, Yang. "Bayes Conditional Distribution Estimation for '
-    'Knowledge Distillation". ICLR 2024, arXiv:2401.08732',
-    "KnowledgeConcentration": 'Gao, Guo, Li, Nevatia. "Knowledge Concentration: Learning 100K '
-    'Object Classifiers in a Single CNN". arXiv:1711.07607, 2017',
-}
 
 
 def model_card(config: Mapping[str, Any], out: Path) -> str:
@@ -44,7 +24,8 @@ def model_card(config: Mapping[str, Any], out: Path) -> str:
     cfg = config["pretrained_cfg"]
     c, h, w = cfg["input_size"]
     method = info["method"] or "unknown (the checkpoint was not written by `kdzoo fit`)"
-    citation = CITATIONS.get(info["method"] or "")
+    # The method class declares its paper (kdzoo.methods.module.KDZooModule.citation).
+    citation = info.get("citation")
     teacher = info["teacher"]
     if teacher:
         weights = teacher.get("weights")

@@ -44,7 +44,8 @@ import kdzoo.models  # registers the CIFAR nets, so their names resolve in timm
 from kdzoo.errors import KDZooError
 from kdzoo.hub.card import WEIGHTS_FILE, model_card
 from kdzoo.hub.manifest import ManifestError, check_name
-from kdzoo.models.weights import safe_torch_load
+from kdzoo.methods.module import METHOD_KEY, Deployable, KDZooModule
+from kdzoo.models.weights import WeightsError, load_strictly, safe_torch_load
 
 __all__ = ["EXPORT_FILES", "ExportError", "export_checkpoint", "validate_name"]
 
@@ -54,7 +55,6 @@ MANIFEST_ENTRY_FILE = "manifest_entry.yaml"
 #: Every file an export writes; a folder holding only these may be replaced with ``overwrite``.
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, MANIFEST_ENTRY_FILE)
 
-_STUDENT_PREFIX = "student.model."
 # timm's tag grammar as kdzoo publishes it: lower-case letters, digits, "_" and "-" (no dots, so
 # `arch.tag` splits unambiguously the way timm's split_model_name_tag splits it; no "/", so a
 # name is never a path).
@@ -100,19 +100,13 @@ def export_checkpoint(
             "a `kdzoo fit` run saved under runs/<name>/version_N/checkpoints/"
         )
     hparams = dict(checkpoint.get("hyper_parameters") or {})
-    architecture = hparams.get("student")
-    if not isinstance(architecture, str) or "num_classes" not in hparams:
-        raise ExportError(
-            f"{ckpt_path} is not a checkpoint of a kdzoo classification method: its "
-            "hyper_parameters have no 'student' architecture and 'num_classes'"
-        )
+    class_path = hparams.get("_class_path") or checkpoint.get(METHOD_KEY)
+    method_cls = _method_class(class_path, ckpt_path)
+    method = method_cls.__name__
+    deployable = _deployable(method_cls, hparams, ckpt_path)
+    architecture, model_args = deployable.architecture, dict(deployable.model_args)
     validate_name(name, architecture)
     _check_destination(out, overwrite)
-
-    method_path = hparams.get("_class_path")
-    method = method_path.rsplit(".", 1)[-1] if isinstance(method_path, str) else None
-    num_classes, in_chans = int(hparams["num_classes"]), int(hparams.get("in_chans") or 3)
-    model_args = {"in_chans": in_chans, **dict(hparams.get("student_kwargs") or {})}
     try:
         json.dumps(model_args)
     except TypeError as err:
@@ -121,23 +115,18 @@ def export_checkpoint(
             f"not rebuild the model ({err})"
         ) from err
 
+    prefix = deployable.prefix
     state = {
-        key[len(_STUDENT_PREFIX) :]: value
+        key[len(prefix) :]: value
         for key, value in checkpoint["state_dict"].items()
-        if key.startswith(_STUDENT_PREFIX)
+        if key.startswith(prefix)
     }
-    if not state and any(k.startswith("student.backbone.") for k in checkpoint["state_dict"]):
-        raise ExportError(
-            f"{ckpt_path} is a segmentation checkpoint: kdzoo hub exports classification "
-            "students, which are plain timm models; a segmentation student (timm backbone + "
-            "head) is used from its .ckpt (SegTeacherSpec weights, kdzoo test/predict)"
-        )
     if not state:
-        raise ExportError(f"{ckpt_path} holds no student weights (no '{_STUDENT_PREFIX}*' keys)")
-    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes, **model_args)
+        raise ExportError(f"{ckpt_path} holds no student weights (no '{prefix}*' keys)")
+    model = deployable.network
     _check_fits(model, state, architecture, method, ckpt_path)
 
-    config = _config(checkpoint, hparams, model, model_args, name, method, ckpt_path)
+    config = _config(checkpoint, hparams, deployable, name, method_cls, ckpt_path)
     _write_atomically(out, state, config, name, overwrite)
     return out
 
@@ -218,41 +207,28 @@ def _check_fits(
     ckpt_path: Path,
 ) -> None:
     """The student weights load strictly into the bare timm model, else a clear ExportError."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = sorted(
-        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
-    )
-    if not (missing or unexpected or mismatched):
-        return
-    details = "; ".join(
-        f"{label}: {keys[:4]}{' ...' if len(keys) > 4 else ''}"
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch", mismatched),
-        )
-        if keys
-    )
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     heads = (classifier,) if isinstance(classifier, str) else tuple(classifier or ())
-    in_head = heads and all(
-        any(k.startswith(h + ".") for h in heads) for k in missing + unexpected + mismatched
-    )
     by = f"{method} replaced it" if method else "the method replaced it"
-    reason = (
-        f"the student's classifier ({', '.join(heads)}) is not timm's: {by} with its own module "
-        "(as KnowledgeConcentration does with its structurally connected SC head), so the "
-        "weights cannot be published as a plain timm model"
-        if in_head
-        else "the student is not a plain timm model"
-    )
-    raise ExportError(
-        f"cannot export {ckpt_path}: its student weights do not load strictly into "
-        f"timm.create_model({architecture!r}, num_classes={model.num_classes}, ...): {reason}. "
-        f"{details}"
-    )
+
+    def reason(keys: list[str]) -> str:
+        if heads and all(any(k.startswith(h + ".") for h in heads) for k in keys):
+            return (
+                f"The student's classifier ({', '.join(heads)}) is not timm's: {by} with its own "
+                "module, so the weights cannot be published as a plain timm model"
+            )
+        return "The student is not a plain timm model"
+
+    try:
+        load_strictly(
+            model,
+            state,
+            what="its student weights",
+            into=f"timm.create_model({architecture!r}, num_classes={model.num_classes}, ...)",
+            hint=reason,
+        )
+    except WeightsError as err:
+        raise ExportError(f"cannot export {ckpt_path}: {err}") from None
 
 
 # ---- config.json ----------------------------------------------------------------------------
@@ -261,13 +237,13 @@ def _check_fits(
 def _config(
     checkpoint: Mapping[str, Any],
     hparams: Mapping[str, Any],
-    model: torch.nn.Module,
-    model_args: dict[str, Any],
+    deployable: Deployable,
     name: str,
-    method: str | None,
+    method_cls: type[KDZooModule],
     ckpt_path: Path,
 ) -> dict[str, Any]:
     """timm's hub config for the student, plus kdzoo's provenance section."""
+    model, model_args = deployable.network, dict(deployable.model_args)
     num_classes, in_chans = model.num_classes, model_args["in_chans"]
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     data_path = data.get("_class_path")
@@ -291,7 +267,7 @@ def _config(
     metrics, best_in_run = _scores(checkpoint, ckpt_path.name)
     teacher = hparams.get("teacher")
     return {
-        "architecture": hparams["student"],
+        "architecture": deployable.architecture,
         "num_classes": num_classes,
         "num_features": int(model.num_features),
         "model_args": model_args,
@@ -299,8 +275,9 @@ def _config(
         "kdzoo": _plain(
             {
                 "name": name,
-                "method": method,
+                "method": method_cls.__name__,
                 "method_class": hparams.get("_class_path"),
+                "citation": method_cls.citation or None,
                 "method_hparams": {
                     k: v for k, v in hparams.items() if not k.startswith("_") and k != "teacher"
                 },
@@ -319,6 +296,50 @@ def _config(
             }
         ),
     }
+
+
+def _method_class(class_path: Any, ckpt_path: Path) -> type[KDZooModule]:
+    """The kdzoo method (a :class:`~kdzoo.methods.module.KDZooModule`, kdzoo's own or a user's)
+    that wrote the checkpoint, from the ``_class_path`` LightningCLI records."""
+    if not isinstance(class_path, str) or "." not in class_path:
+        raise ExportError(
+            f"{ckpt_path} does not record which kdzoo method wrote it (no hyper_parameters "
+            f"'_class_path', no '{METHOD_KEY}'): export takes the .ckpt of a kdzoo method"
+        )
+    module, _, attr = class_path.rpartition(".")
+    try:
+        method_cls = getattr(importlib.import_module(module), attr, None)
+    except ImportError as err:
+        raise ExportError(
+            f"{ckpt_path} was written by {class_path}, which cannot be imported ({err}): run the "
+            "export where that module is importable (e.g. from the folder holding it)"
+        ) from err
+    if not (isinstance(method_cls, type) and issubclass(method_cls, KDZooModule)):
+        raise ExportError(
+            f"{ckpt_path} was written by {class_path}, which is not a kdzoo method "
+            "(a kdzoo.methods.module.KDZooModule)"
+        )
+    return method_cls
+
+
+def _deployable(
+    method_cls: type[KDZooModule], hparams: Mapping[str, Any], ckpt_path: Path
+) -> Deployable:
+    """The network the method declares deployable; only plain timm networks are written."""
+    try:
+        deployable = method_cls.deployable(hparams)
+    except (KeyError, TypeError) as err:
+        raise ExportError(
+            f"{ckpt_path}: its hyper-parameters do not describe a {method_cls.__name__} student "
+            f"({type(err).__name__}: {err})"
+        ) from err
+    if not deployable.timm_model:
+        raise ExportError(
+            f"cannot export {ckpt_path}: the deployable network of {method_cls.__name__} is "
+            f"{deployable.reason}; kdzoo hub export writes plain timm models only (use the "
+            ".ckpt with kdzoo test / predict)"
+        )
+    return deployable
 
 
 def _kdzoo_class(class_path: Any) -> type | None:

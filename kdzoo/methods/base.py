@@ -1,8 +1,8 @@
-"""The contracts every kdzoo method builds on.
+"""The classification contracts: a timm student, and a timm student with a frozen teacher.
 
-:class:`ClassificationModule` owns the student, the injected optimiser and scheduler, the
-evaluation metrics (torchmetrics, synchronised across DDP ranks) and the weighted sum and logging
-of the named loss terms a method returns from :meth:`~ClassificationModule.loss_terms`.
+:class:`ClassificationModule` (over the root :class:`~kdzoo.methods.module.KDZooModule`, which
+owns the optimiser, the weighted loss terms and the checkpoint declarations) adds the timm
+student and the evaluation metrics (torchmetrics, synchronised across DDP ranks).
 :class:`DistillationModule` adds the teacher contract: built from a :class:`TeacherSpec`, frozen,
 in eval mode for ever, run without autograd, and left out of checkpoints (it is rebuilt from the
 config when a checkpoint is loaded). Modelled on ``timm/task/distillation.py``.
@@ -10,36 +10,26 @@ config when a checkpoint is loaded). Modelled on ``timm/task/distillation.py``.
 
 from __future__ import annotations
 
-import warnings
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
+import timm
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdzoo.errors import ConfigError
+from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
 
-__all__ = [
-    "ClassificationModule",
-    "DistillationModule",
-    "exclude_teacher_from_checkpoints",
-    "weighted_loss",
-]
-
-_TEACHER_PREFIX = "teacher."
-# A frozen teacher is in eval mode on purpose; Lightning warns about any module in eval mode.
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
+__all__ = ["ClassificationModule", "DistillationModule"]
 
 
-class ClassificationModule(L.LightningModule, ABC):
+class ClassificationModule(KDZooModule):
     """A timm student trained from named, weighted loss terms; evaluated by top-1/top-5 accuracy.
 
     Subclasses implement :meth:`loss_terms` (a ``dict`` of unweighted scalar losses) and set
@@ -69,11 +59,10 @@ class ClassificationModule(L.LightningModule, ABC):
         student_kwargs: dict[str, Any] | None = None,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(mean=mean, std=std, optimizer=optimizer, scheduler=scheduler, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.mean = tuple(mean) if mean is not None else None
-        self.std = tuple(std) if std is not None else None
         self.student = Backbone(
             student,
             num_classes=num_classes,
@@ -81,27 +70,13 @@ class ClassificationModule(L.LightningModule, ABC):
             pretrained=student_pretrained,
             model_kwargs=student_kwargs,
         )
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_weights: dict[str, float] = {}
-        top_k = min(5, num_classes)
-        metrics = MetricCollection(
-            {
-                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                f"top{top_k}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
-            }
-        )
-        self.val_metrics = metrics.clone(prefix="val/")
-        self.test_metrics = metrics.clone(prefix="test/")
+        self.val_metrics = self.accuracy_metrics(num_classes, prefix="val/")
+        self.test_metrics = self.accuracy_metrics(num_classes, prefix="test/")
 
     # ---- what a method provides -------------------------------------------------------------
     @abstractmethod
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         """Unweighted scalar loss terms for one training batch, keyed by name."""
-
-    # ---- training: weighted sum and logging, written once ------------------------------------
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return weighted_loss(self, self.loss_terms(batch), _batch_size(batch))
 
     # ---- evaluation -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,13 +103,19 @@ class ClassificationModule(L.LightningModule, ABC):
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(target))
         self.log_dict(metrics, prog_bar=True)
 
-    # ---- optimisation -----------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+    # ---- what drivers ask -----------------------------------------------------------------------
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        """The student as the plain timm model it is (:class:`~kdzoo.models.backbone.Backbone`
+        keeps it under ``student.model``)."""
+        architecture = hparams["student"]
+        model_args = {
+            "in_chans": int(hparams.get("in_chans") or 3),
+            **dict(hparams.get("student_kwargs") or {}),
+        }
+        num_classes = int(hparams["num_classes"])
+        network = timm.create_model(architecture, num_classes=num_classes, **model_args)
+        return Deployable(network, "student.model.", architecture, model_args)
 
 
 class DistillationModule(ClassificationModule):
@@ -181,50 +162,12 @@ class DistillationModule(ClassificationModule):
         # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back;
         # with the architecture read from the weights when teacher.name was left out.
         hp.teacher = {**asdict(teacher), "name": self.teacher.backbone.name}
-        exclude_teacher_from_checkpoints(self)
+
+    def result_names(self) -> dict[str, str]:
+        return {"student": self.hparams.student, "teacher": self.hparams.teacher["name"]}
 
     def teacher_forward(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None
     ) -> BackboneOutput:
         """The teacher's outputs for the student's batch (no autograd, eval mode)."""
         return self.teacher(x, indices=indices)
-
-
-def weighted_loss(
-    module: L.LightningModule, terms: Mapping[str, torch.Tensor], batch_size: int | None
-) -> torch.Tensor:
-    """``sum(module.loss_weights[name] * term)``, each term logged as ``train/loss_<name>`` and
-    the sum as ``train/loss``: the training step of every kdzoo method, written once."""
-    unknown = set(terms) - set(module.loss_weights)
-    if unknown:
-        raise KeyError(f"{type(module).__name__} returned loss terms without a weight: {unknown}")
-    loss = sum(module.loss_weights[name] * value for name, value in terms.items())
-    for name, value in terms.items():
-        module.log(f"train/loss_{name}", value.detach(), batch_size=batch_size)
-    module.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
-    return loss
-
-
-def exclude_teacher_from_checkpoints(module: torch.nn.Module) -> None:
-    """Leave every ``teacher.*`` key of ``module`` out of its state dicts (hence checkpoints) and
-    tolerate those keys missing on load; for methods whose ``self.teacher`` is rebuilt from the
-    config (one :class:`Teacher`, or e.g. an ``nn.ModuleList`` of them)."""
-    module._register_state_dict_hook(_drop_teacher_keys)
-    module.register_load_state_dict_post_hook(_allow_missing_teacher_keys)
-
-
-def _drop_teacher_keys(module: Any, state_dict: Mapping, prefix: str, local_metadata: Any) -> None:
-    # Teacher weights come from the config on every load; saving them would bloat checkpoints
-    # and could leak a private teacher into a published student.
-    for key in [k for k in state_dict if k.startswith(prefix + _TEACHER_PREFIX)]:
-        del state_dict[key]
-
-
-def _allow_missing_teacher_keys(module: Any, incompatible_keys: Any) -> None:
-    missing = incompatible_keys.missing_keys
-    missing[:] = [k for k in missing if not k.startswith(_TEACHER_PREFIX)]
-
-
-def _batch_size(batch: Any) -> int | None:
-    first = batch[0] if isinstance(batch, Sequence) else batch
-    return len(first) if torch.is_tensor(first) else None

@@ -21,7 +21,7 @@ As in the reference, labelled and unlabelled images go through the student in tw
 (BatchNorm statistics of each batch separately), the KL is averaged over each batch
 (``batchmean``), and the teacher sees the student's augmented batch. The teacher is a kdzoo
 classifier (:class:`~kdzoo.models.teacher.TeacherSpec`) or a CLIP model
-(:class:`~kdzoo.models.clip_teacher.CLIPTeacherSpec`, zero-shot or a fitted CLAP probe).
+(:class:`~kdzoo.models.clip.CLIPTeacherSpec`, zero-shot or a fitted CLAP probe).
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from typing import Any
 
-import lightning as L
 import timm
 import torch
 import torch.nn.functional as F
@@ -40,17 +39,22 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
-from kdzoo.methods.base import exclude_teacher_from_checkpoints, weighted_loss
-from kdzoo.models.clip_probe import linear_warmup_decay
-from kdzoo.models.clip_teacher import CLIPTeacherSpec, build_clip_teacher, check_clip_weights
+from kdzoo.methods.module import Deployable, KDZooModule
+from kdzoo.models.clip import (
+    CLIPTeacherSpec,
+    build_clip_teacher,
+    check_clip_weights,
+    linear_warmup_decay,
+)
 from kdzoo.models.teacher import Teacher, TeacherSpec, build_teacher
+from kdzoo.validation import check_at_least, check_fraction, check_non_negative, check_positive
 
 __all__ = ["DualHeadDistillation"]
 
 LABELLED, UNLABELLED = "labelled", "unlabelled"
 
 
-class DualHeadDistillation(L.LightningModule):
+class DualHeadDistillation(KDZooModule):
     """A timm student with a CE head and a KD head, distilled on labelled and unlabelled data.
 
     Training batches are ``{"labelled": (x, y), "unlabelled": (x_u, ...)}`` (a Lightning
@@ -71,7 +75,7 @@ class DualHeadDistillation(L.LightningModule):
         student: timm architecture of the backbone (built with ``num_classes=0``).
         num_classes: outputs of each head (linked from ``data.num_classes``).
         teacher: a kdzoo/timm classifier teacher; give this or ``clip_teacher``.
-        clip_teacher: a CLIP teacher (:class:`~kdzoo.models.clip_teacher.CLIPTeacherSpec`
+        clip_teacher: a CLIP teacher (:class:`~kdzoo.models.clip.CLIPTeacherSpec`
             fields).
         in_chans: input channels (linked from ``data.in_chans``).
         mean: input normalisation mean of the data pipeline (linked from ``data.mean``).
@@ -94,6 +98,12 @@ class DualHeadDistillation(L.LightningModule):
             a CLIP teacher whose ``class_names`` is unset; ignored with ``teacher``.
     """
 
+    citation = (
+        'Kang, Lee, Jang, Hwang. "Simple yet Effective Semi-supervised Knowledge Distillation '
+        'from Vision-Language Models via Dual-Head Optimization". arXiv:2505.07675'
+    )
+    description = "dual-head distillation (DHO)"
+
     def __init__(
         self,
         student: str,
@@ -114,10 +124,14 @@ class DualHeadDistillation(L.LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         warmup_fraction: float | None = None,
         class_names: Sequence[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(mean=mean, std=std, optimizer=optimizer, scheduler=scheduler, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        _check_args(num_classes, temperature, ce_weight, kd_weight, alpha, beta)
+        check_at_least(1, num_classes=num_classes)
+        check_positive(temperature=temperature, beta=beta)
+        check_non_negative(ce_weight=ce_weight, kd_weight=kd_weight)
+        check_fraction(alpha=alpha)
         if (teacher is None) == (clip_teacher is None):
             raise ConfigError(
                 "DualHeadDistillation needs exactly one teacher: set either teacher (a kdzoo "
@@ -128,18 +142,17 @@ class DualHeadDistillation(L.LightningModule):
                 f"warmup_fraction={warmup_fraction} needs a value in [0, 1) and no scheduler: "
                 "use one of the two"
             )
-        self.mean = tuple(mean) if mean is not None else None
-        self.std = tuple(std) if std is not None else None
         self.temperature, self.alpha, self.beta = temperature, alpha, beta
         self.loss_weights = {"ce": ce_weight, "kd_labelled": kd_weight, "kd_unlabelled": kd_weight}
-        self.optimizer, self.scheduler = optimizer, scheduler
+        if warmup_fraction is not None:  # the reference's per-step warm-up and linear decay
+            self.scheduler, self.scheduler_interval = self._warmup_decay, "step"
 
         self.student = _headless_student(student, in_chans, student_pretrained, student_kwargs)
         width = getattr(self.student, "head_hidden_size", None) or self.student.num_features
         self.ce_head = nn.Linear(width, num_classes)
         self.kd_head = nn.Linear(width, num_classes)
 
-        self.teacher: nn.Module | None = None
+        self.teacher: Teacher | None = None  # frozen, eval for ever, out of checkpoints
         if teacher is not None:
             self._build_classifier_teacher(teacher)
         else:
@@ -156,7 +169,6 @@ class DualHeadDistillation(L.LightningModule):
             names = spec.class_names if spec.class_names is not None else class_names
             if names is not None:
                 self._build_clip_teacher(list(names))
-        exclude_teacher_from_checkpoints(self)
 
         top_k = min(5, num_classes)
         self.val_metrics = _metrics(num_classes, top_k)
@@ -218,8 +230,8 @@ class DualHeadDistillation(L.LightningModule):
                 "the CLIP teacher is built when fit starts (from the datamodule's class names); "
                 "pass class_names or set clip_teacher.class_names to build it at construction"
             )
-        out = self.teacher(x)
-        return out.logits if isinstance(self.teacher, Teacher) else out
+        out = self.teacher(x)  # a CLIP teacher gives logits, a classifier a BackboneOutput
+        return out if torch.is_tensor(out) else out.logits
 
     def teacher_probs(self, x: torch.Tensor) -> torch.Tensor:
         """``softmax(z_T / T)``: the distribution the KD head is trained towards."""
@@ -243,10 +255,7 @@ class DualHeadDistillation(L.LightningModule):
         PCoreSet's selection rules fix ``alpha = 0.5, beta = 1`` (the defaults here); evaluation
         uses the module's ``alpha`` and ``beta``.
         """
-        dtype = torch.promote_types(ce_logits.dtype, torch.float32)
-        p_ce = ce_logits.to(dtype).softmax(dim=-1)
-        p_kd = (kd_logits.to(dtype) / beta).softmax(dim=-1)
-        return (1.0 - alpha) * p_ce + alpha * p_kd
+        return fused_probs(ce_logits, kd_logits, alpha, beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``log p~`` of the fused prediction: logits whose softmax is ``combined_probs``."""
@@ -271,8 +280,8 @@ class DualHeadDistillation(L.LightningModule):
             terms["kd_unlabelled"] = kd_loss(kd_logits_u, teacher_u, temperature=self.temperature)
         return terms
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return weighted_loss(self, self.loss_terms(batch), len(_split_batch(batch)[0][1]))
+    def batch_size(self, batch: Any) -> int:
+        return len(_split_batch(batch)[0][1])
 
     # ---- evaluation -------------------------------------------------------------------------
     def validation_step(self, batch: Any, batch_idx: int) -> None:
@@ -301,22 +310,59 @@ class DualHeadDistillation(L.LightningModule):
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=len(target))
 
     # ---- optimisation -----------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        params = [p for p in self.parameters() if p.requires_grad]
-        optimizer = self.optimizer(params)
-        warmup = self.hparams.warmup_fraction
-        if warmup is not None:
-            steps = int(self.trainer.estimated_stepping_batches)
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, linear_warmup_decay(steps, warmup)
-            )
-            return {
-                "optimizer": optimizer,
-                "lr_scheduler": {"scheduler": schedule, "interval": "step"},
-            }
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+    def _warmup_decay(self, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        steps = int(self.trainer.estimated_stepping_batches)
+        schedule = linear_warmup_decay(steps, self.hparams.warmup_fraction)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+    # ---- what drivers ask -----------------------------------------------------------------------
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        network = DualHeadStudent(
+            _headless_student(
+                hparams["student"],
+                int(hparams.get("in_chans") or 3),
+                False,
+                hparams.get("student_kwargs"),
+            ),
+            int(hparams["num_classes"]),
+            alpha=float(hparams.get("alpha", 0.5)),
+            beta=float(hparams.get("beta", 1.0)),
+        )
+        reason = "a timm backbone with DHO's two heads, predicting their fused probabilities"
+        return Deployable(network, prefix="", reason=reason)
+
+    def result_names(self) -> dict[str, str]:
+        teacher = self.hparams.get("teacher") or {}
+        return {"student": self.hparams.student, "teacher": teacher.get("name") or ""}
+
+
+class DualHeadStudent(nn.Module):
+    """The deployed DHO student: backbone, CE head and KD head (named as in the module, so a
+    checkpoint's ``student.*``, ``ce_head.*``, ``kd_head.*`` load into it), returning the fused
+    probabilities ``(1 - alpha) softmax(h_ce) + alpha softmax(h_kd / beta)``."""
+
+    def __init__(self, student: nn.Module, num_classes: int, alpha: float, beta: float) -> None:
+        super().__init__()
+        width = getattr(student, "head_hidden_size", None) or student.num_features
+        self.student = student
+        self.ce_head = nn.Linear(width, num_classes)
+        self.kd_head = nn.Linear(width, num_classes)
+        self.alpha, self.beta = alpha, beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feature = self.student(x)
+        return fused_probs(self.ce_head(feature), self.kd_head(feature), self.alpha, self.beta)
+
+
+def fused_probs(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
+    """``(1 - alpha) softmax(ce_logits) + alpha softmax(kd_logits / beta)`` (at least fp32)."""
+    dtype = torch.promote_types(ce_logits.dtype, torch.float32)
+    p_ce = ce_logits.to(dtype).softmax(dim=-1)
+    p_kd = (kd_logits.to(dtype) / beta).softmax(dim=-1)
+    return (1.0 - alpha) * p_ce + alpha * p_kd
 
 
 def _headless_student(
@@ -354,25 +400,3 @@ def _split_batch(batch: Any) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.T
     if unlabelled is not None and not torch.is_tensor(unlabelled):
         unlabelled = unlabelled[0]  # (images, ignored labels) from an ordinary dataset
     return (labelled[0], labelled[1]), unlabelled
-
-
-def _check_args(
-    num_classes: int,
-    temperature: float,
-    ce_weight: float,
-    kd_weight: float,
-    alpha: float,
-    beta: float,
-) -> None:
-    if num_classes < 1:
-        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
-    if temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {temperature}")
-    if ce_weight < 0 or kd_weight < 0:
-        raise ConfigError(f"ce_weight and kd_weight must be >= 0, got {ce_weight}, {kd_weight}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ConfigError(
-            f"alpha (the KD head's share of the prediction) must be in [0, 1], got {alpha}"
-        )
-    if beta <= 0:
-        raise ConfigError(f"beta (the KD head's prediction temperature) must be > 0, got {beta}")

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import dist_loss
 from kdzoo.methods.base import DistillationModule
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_non_negative, check_positive
 
 __all__ = ["DIST"]
 
@@ -42,6 +42,12 @@ class DIST(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Huang, You, Wang, Qian, Xu. "Knowledge Distillation from A Stronger Teacher". NeurIPS '
+        "2022, arXiv:2205.10536"
+    )
+    description = "inter- and intra-class relation KD"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -53,12 +59,8 @@ class DIST(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        weights = {"beta": beta, "gamma": gamma, "ce_weight": ce_weight, "kd_weight": kd_weight}
-        for name, value in weights.items():
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
+        check_positive(temperature=temperature)
+        check_non_negative(beta=beta, gamma=gamma, ce_weight=ce_weight, kd_weight=kd_weight)
         self.temperature = temperature
         self.beta = beta
         self.gamma = gamma

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import dkd_loss
 from kdzoo.methods.base import DistillationModule
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_non_negative, check_positive
 
 __all__ = ["DKD"]
 
@@ -53,6 +53,12 @@ class DKD(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Zhao, Cui, Song, Qiu, Liang. "Decoupled Knowledge Distillation". CVPR 2022, '
+        "arXiv:2203.08679"
+    )
+    description = "decoupled target / non-target KD"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -64,13 +70,8 @@ class DKD(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        for name, value in (("alpha", alpha), ("beta", beta), ("ce_weight", ce_weight)):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
-        if warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_positive(temperature=temperature)
+        check_non_negative(alpha=alpha, beta=beta, ce_weight=ce_weight, warmup_epochs=warmup_epochs)
         self.temperature = temperature
         self.alpha = alpha
         self.beta = beta

@@ -31,11 +31,12 @@ from torch import nn
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.kc import concentration_loss, concentration_targets
-from kdzoo.methods.base import ClassificationModule, exclude_teacher_from_checkpoints
-from kdzoo.models.backbone import Backbone
+from kdzoo.methods.base import ClassificationModule
+from kdzoo.methods.module import Deployable
 from kdzoo.models.sc_head import SCHead
 from kdzoo.models.teacher import TeacherSpec, build_teacher, missing_weights_error
 from kdzoo.models.weights import WeightsError, safe_torch_load
+from kdzoo.validation import check_at_least, check_non_negative
 
 __all__ = ["KnowledgeConcentration"]
 
@@ -52,8 +53,8 @@ class KnowledgeConcentration(ClassificationModule):
     The student's timm classifier is replaced by an :class:`~kdzoo.models.sc_head.SCHead`, so
     ``self.student(x).logits``, ``forward`` and exported students all go through it, and the
     embedding stays timm's pooled feature. The specialists are ``self.teacher``, an
-    ``nn.ModuleList`` of frozen teachers (:class:`~kdzoo.models.teacher.Teacher`) that stays in
-    eval mode, is kept out of checkpoints and is rebuilt from ``specialists`` on load.
+    ``nn.ModuleList`` of frozen teachers (:class:`~kdzoo.models.teacher.Teacher`), each in eval
+    mode for ever, kept out of checkpoints and rebuilt from ``specialists`` on load.
 
     Args:
         specialists: one teacher per vertical, in the order of ``verticals``. Their
@@ -71,6 +72,12 @@ class KnowledgeConcentration(ClassificationModule):
             (learnable per vertical, initialised at ``sqrt(N_m)``) is the paper's best.
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
+
+    citation = (
+        'Gao, Guo, Li, Nevatia. "Knowledge Concentration: Learning 100K Object Classifiers in a '
+        'Single CNN". arXiv:1711.07607, 2017'
+    )
+    description = "many specialist teachers into one student"
 
     def __init__(
         self,
@@ -94,10 +101,8 @@ class KnowledgeConcentration(ClassificationModule):
                 f"KnowledgeConcentration needs one specialist per vertical: got "
                 f"{len(specs)} specialists and {len(verticals)} verticals"
             )
-        if top_k is not None and top_k < 1:
-            raise ConfigError(f"top_k must be None or >= 1, got {top_k}")
-        if label_weight < 0:
-            raise ConfigError(f"label_weight must be >= 0, got {label_weight}")
+        check_at_least(1, top_k=top_k)
+        check_non_negative(label_weight=label_weight)
         # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back.
         hp.specialists = [asdict(spec) for spec in specs]
         hp.verticals = verticals
@@ -124,14 +129,9 @@ class KnowledgeConcentration(ClassificationModule):
             # With the architecture read from the weights when the name was left out.
             hp.specialists[m]["name"] = teacher.backbone.name
             teachers.append(teacher)
-        self.teacher = _Specialists(teachers)
-        exclude_teacher_from_checkpoints(self)
-
-        model = self.student.model
-        in_features = getattr(model.get_classifier(), "in_features", self.student.embedding_dim)
-        _install_classifier(
-            self.student, SCHead(in_features, verticals, hp.hidden, structure=head, scale=scale)
-        )
+        # Each element is a Teacher (eval for ever, never checkpointed); the list holds no more.
+        self.teacher = nn.ModuleList(teachers)
+        _install_sc_head(self.student.model, hp)
 
         self.top_k = top_k
         self.loss_weights = {"kc": 1.0, "label": label_weight}
@@ -144,6 +144,17 @@ class KnowledgeConcentration(ClassificationModule):
             "class_order", torch.tensor([c for v in verticals for c in v]), persistent=False
         )
         self.vertical_sizes = [len(v) for v in verticals]
+
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        network = super().deployable(hparams).network
+        _install_sc_head(network, hparams)
+        reason = "a timm model whose classifier is KC's FC-SC head (kdzoo.models.SCHead)"
+        return Deployable(network, prefix="student.model.", reason=reason)
+
+    def result_names(self) -> dict[str, str]:
+        specialists = " + ".join(spec["name"] for spec in self.hparams.specialists)
+        return {"student": self.hparams.student, "teacher": specialists}
 
     def soft_targets(self, images: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``(N, C)`` soft targets: each image's label specialist, top-K, zero elsewhere."""
@@ -168,14 +179,6 @@ class KnowledgeConcentration(ClassificationModule):
             one_hot = F.one_hot(target, logits.shape[1])
             terms["label"] = concentration_loss(logits, one_hot)
         return terms
-
-
-class _Specialists(nn.ModuleList):
-    """The frozen specialists; like each :class:`~kdzoo.models.teacher.Teacher`, the container
-    itself never leaves eval mode."""
-
-    def train(self, mode: bool = True) -> _Specialists:
-        return super().train(False)
 
 
 def _check_partition(verticals: Sequence[Sequence[int]], num_classes: int) -> None:
@@ -229,16 +232,24 @@ def _check_specialist(m: int, spec: TeacherSpec, vertical: list[int]) -> None:
         )
 
 
-def _install_classifier(backbone: Backbone, head: nn.Module) -> None:
+def _install_sc_head(model: nn.Module, hp: Mapping[str, Any]) -> None:
+    """Replace the timm model's classifier by the SC head the hyper-parameters describe."""
+    width = getattr(model, "head_hidden_size", None) or model.num_features
+    in_features = getattr(model.get_classifier(), "in_features", width)
+    verticals, hidden = hp["verticals"], hp["hidden"]
+    head = SCHead(in_features, verticals, hidden, structure=hp["head"], scale=hp["scale"])
+    _install_classifier(model, head)
+
+
+def _install_classifier(model: nn.Module, head: nn.Module) -> None:
     """Make ``head`` the timm model's classifier, so every forward pass goes through it."""
-    model = backbone.model
     # timm names the classifier module in its pretrained config ("fc", "head.fc", "classifier").
     path = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
     if isinstance(path, str):
         model.set_submodule(path, head)
     if not isinstance(path, str) or model.get_classifier() is not head:
         raise ConfigError(
-            f"cannot replace the classifier of timm model {backbone.name!r} by the SC head "
+            f"cannot replace the classifier of timm model {type(model).__name__} by the SC head "
             f"(pretrained_cfg['classifier'] = {path!r}): pick a student with a single classifier "
             "module, e.g. a ResNet or EfficientNet"
         )

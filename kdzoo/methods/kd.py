@@ -13,10 +13,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
 from kdzoo.methods.base import DistillationModule
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_positive
 
 __all__ = ["KD"]
 
@@ -32,6 +32,12 @@ class KD(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural Network". NIPS 2014 Deep '
+        "Learning Workshop, arXiv:1503.02531"
+    )
+    description = "vanilla knowledge distillation"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -41,8 +47,7 @@ class KD(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_positive(temperature=temperature)
         self.temperature = temperature
         self.loss_weights = {"ce": ce_weight, "kd": kd_weight}
 

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.cmi import conditional_mutual_information
 from kdzoo.methods.base import ClassificationModule
-from kdzoo.methods.training_pass import class_means_on_training_data
+from kdzoo.methods.statistics import ClassMeans, class_means_on_training_data
 from kdzoo.models.teacher import load_weights, resolve_weights
 from kdzoo.models.weights import WeightsError
 
@@ -64,7 +64,7 @@ class MCMITeacher(ClassificationModule):
     buffer, so state dicts hold only the network; checkpoints carry it under their own key, and
     ``fit --ckpt_path`` resumes with it instead of recomputing it from the resumed weights. With
     ``centroid_pass="eval"`` and ``"fixed"`` the table is cached on disk (see
-    :mod:`kdzoo.methods.training_pass`); a train-mode pass also updates the BatchNorm statistics,
+    :mod:`kdzoo.methods.statistics`); a train-mode pass also updates the BatchNorm statistics,
     which a cache hit would skip, and an ``"epoch"`` table comes from new weights every epoch, so
     those are never cached.
 
@@ -87,6 +87,12 @@ class MCMITeacher(ClassificationModule):
             teacher's architecture.
     """
 
+    citation = (
+        'Ye, Hamidi, Tan, Yang. "Bayes Conditional Distribution Estimation for Knowledge '
+        'Distillation". ICLR 2024, arXiv:2401.08732'
+    )
+    description = "teacher fine-tuned for conditional mutual information"
+
     def __init__(
         self,
         init_weights: str | None = None,
@@ -101,10 +107,6 @@ class MCMITeacher(ClassificationModule):
                 f"cmi_weight must be >= 0, got {cmi_weight}: it is lambda in CE - lambda * CMI "
                 "(the paper maximises the conditional mutual information)"
             )
-        if centroids not in ("fixed", "epoch"):
-            raise ConfigError(f"centroids must be 'fixed' or 'epoch', got {centroids!r}")
-        if centroid_pass not in ("train", "eval"):
-            raise ConfigError(f"centroid_pass must be 'train' or 'eval', got {centroid_pass!r}")
         self.centroid_schedule = centroids
         self.centroid_pass = centroid_pass
         self.loss_weights = {"ce": 1.0, "cmi": -cmi_weight}
@@ -177,6 +179,7 @@ class MCMITeacher(ClassificationModule):
             self.compute_centroids()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
         if self.class_centroids.numel():
             checkpoint[_CHECKPOINT_KEY] = self.class_centroids.detach().cpu()
 
@@ -211,8 +214,7 @@ class MCMITeacher(ClassificationModule):
             "the probabilities for this step",
             stacklevel=3,
         )
-        num_classes = probs.shape[1]
-        sums = probs.new_zeros(num_classes, num_classes).index_add_(0, target, probs.detach())
-        counts = torch.bincount(target, minlength=num_classes).to(sums.dtype)[:, None]
-        uniform = torch.full_like(sums, 1.0 / num_classes)
-        return torch.where(counts > 0, sums / counts.clamp(min=1), uniform)
+        table = ClassMeans.of_batch(probs.detach(), target, probs.shape[1])
+        means = table.means()
+        uniform = torch.full_like(means, 1.0 / probs.shape[1])
+        return torch.where(table.counts[:, None] > 0, means, uniform)

@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import dist_loss, dkd_loss, kd_loss, nd_loss
 from kdzoo.methods.base import DistillationModule
-from kdzoo.methods.training_pass import class_means_on_training_data
+from kdzoo.methods.statistics import ClassMeans, class_means_on_training_data
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_non_negative, check_positive
 
 __all__ = ["ND", "nd_projector"]
 
@@ -94,6 +94,12 @@ class ND(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Wang, Cheng, Yao, Chen, Zhang, Li, Zhang. "Improving Knowledge Distillation via '
+        'Regularizing Feature Norm and Direction". ECCV 2024, arXiv:2305.17007'
+    )
+    description = "KD++ / DKD++ / DIST++: feature norm and direction"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -115,25 +121,17 @@ class ND(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        _check_choice("base", base, ("kd", "dkd", "dist"))
-        _check_choice("projector", projector, ("auto", "always"))
-        _check_choice("projector_init", projector_init, ("default", "normal"))
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        weights = {
-            "nd_weight": nd_weight,
-            "kd_weight": kd_weight,
-            "ce_weight": ce_weight,
-            "dkd_alpha": dkd_alpha,
-            "dkd_beta": dkd_beta,
-            "dist_beta": dist_beta,
-            "dist_gamma": dist_gamma,
-        }
-        for name, value in weights.items():
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
-        if warmup_epochs < 0:
-            raise ConfigError(f"warmup_epochs must be >= 0, got {warmup_epochs}")
+        check_positive(temperature=temperature)
+        check_non_negative(
+            nd_weight=nd_weight,
+            kd_weight=kd_weight,
+            ce_weight=ce_weight,
+            dkd_alpha=dkd_alpha,
+            dkd_beta=dkd_beta,
+            dist_beta=dist_beta,
+            dist_gamma=dist_gamma,
+            warmup_epochs=warmup_epochs,
+        )
         self.base = base
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
@@ -228,13 +226,4 @@ class ND(DistillationModule):
             "in-batch teacher class means for this step",
             stacklevel=3,
         )
-        num_classes = self.hparams.num_classes
-        sums = teacher_embedding.new_zeros(num_classes, teacher_embedding.shape[1])
-        sums.index_add_(0, target, teacher_embedding)
-        counts = torch.bincount(target, minlength=num_classes).clamp(min=1)
-        return sums / counts[:, None].to(sums.dtype)
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {choices}, got {value!r}")
+        return ClassMeans.of_batch(teacher_embedding, target, self.hparams.num_classes).means()

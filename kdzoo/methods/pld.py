@@ -24,6 +24,7 @@ from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.pld import pld_loss
 from kdzoo.methods.base import DistillationModule
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_positive
 
 __all__ = ["PLD"]
 
@@ -44,6 +45,12 @@ class PLD(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Bassam, Zhu, Bian. "PLD: A Choice-Theoretic List-Wise Knowledge Distillation". NeurIPS '
+        "2025, arXiv:2506.12542"
+    )
+    description = "Plackett-Luce list-wise KD"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -53,15 +60,12 @@ class PLD(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_positive(temperature=temperature)
         if pld_weight <= 0:
             raise ConfigError(
                 f"pld_weight must be > 0, got {pld_weight}: PLD is the only loss term of this "
                 "method, so the student would not be trained"
             )
-        if weighting not in ("teacher", "uniform"):
-            raise ConfigError(f"weighting must be 'teacher' or 'uniform', got {weighting!r}")
         self.temperature = temperature
         self.weighting = weighting
         self.loss_weights = {"pld": pld_weight}

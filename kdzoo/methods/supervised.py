@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from kdzoo.errors import ConfigError
 from kdzoo.methods.base import ClassificationModule
+from kdzoo.validation import check_fraction
 
 __all__ = ["Supervised"]
 
@@ -36,6 +37,8 @@ class Supervised(ClassificationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    description = "cross-entropy training (teachers, baselines)"
+
     def __init__(
         self,
         label_smoothing: float = 0.0,
@@ -43,10 +46,7 @@ class Supervised(ClassificationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= label_smoothing < 1.0:
-            raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        if loss not in ("softmax", "sigmoid"):
-            raise ConfigError(f"loss must be 'softmax' or 'sigmoid', got {loss!r}")
+        check_fraction(label_smoothing=label_smoothing, below_one=True)
         if loss == "sigmoid" and label_smoothing:
             raise ConfigError(
                 f"label_smoothing={label_smoothing} is only implemented for loss='softmax': "

@@ -41,7 +41,7 @@ Inner steps, learning rates and the held-out size of the paper's appendix were n
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -49,11 +49,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.tgeo import tgeo_loss, tgeo_relations
 from kdzoo.methods.base import DistillationModule
-from kdzoo.methods.training_pass import class_means_on_training_data
+from kdzoo.methods.statistics import ClassMeans, class_means_on_training_data, endless
 from kdzoo.models.teacher import TeacherSpec
+from kdzoo.validation import check_at_least, check_positive
 
 __all__ = ["TGeoKD", "fusion_network"]
 
@@ -96,6 +96,12 @@ class TGeoKD(DistillationModule):
         **kwargs: see :class:`~kdzoo.methods.base.ClassificationModule`.
     """
 
+    citation = (
+        'Hu, Wu, et al. "Less or More From Teacher: Exploiting Trilateral Geometry For Knowledge '
+        'Distillation". ICLR 2024, arXiv:2312.15112'
+    )
+    description = "trilateral-geometry fusion ratio"
+
     def __init__(
         self,
         teacher: TeacherSpec,
@@ -109,15 +115,9 @@ class TGeoKD(DistillationModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(teacher=teacher, **kwargs)
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
-        if variant not in ("released", "cifar"):
-            raise ConfigError(f"variant must be 'released' or 'cifar', got {variant!r}")
-        if outer_every < 1:
-            raise ConfigError(f"outer_every must be >= 1, got {outer_every}")
-        for name, value in (("fusion_lr", fusion_lr), ("lookahead_lr", lookahead_lr)):
-            if value is not None and value <= 0:
-                raise ConfigError(f"{name} must be > 0 (or null), got {value}")
+        check_positive(temperature=temperature)
+        check_at_least(1, outer_every=outer_every)
+        check_positive(fusion_lr=fusion_lr, lookahead_lr=lookahead_lr)  # null: the optimiser's lr
         self.temperature = temperature
         self.variant = variant
         self.fusion_lr = fusion_lr
@@ -141,7 +141,8 @@ class TGeoKD(DistillationModule):
         )
         self._held_out = None
 
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The student's parameters, and the fusion network's (with ``fusion_lr`` if set)."""
         fusion = list(self.fusion.parameters())
         fusion_ids = {id(p) for p in fusion}
         student = [p for p in self.parameters() if p.requires_grad and id(p) not in fusion_ids]
@@ -150,10 +151,7 @@ class TGeoKD(DistillationModule):
             if self.fusion_lr is None
             else {"params": fusion, "lr": self.fusion_lr}
         )
-        optimizer = self.optimizer([{"params": student}, group])
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+        return [{"params": student}, group]
 
     # ---- the loss --------------------------------------------------------------------------
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -232,7 +230,7 @@ class TGeoKD(DistillationModule):
             )
             return images, target
         if self._held_out is None:
-            self._held_out = _endless(data.val_dataloader())
+            self._held_out = endless(data.val_dataloader())
         held_images, held_target = next(self._held_out)[:2]
         return held_images.to(self.device), held_target.to(self.device)
 
@@ -244,14 +242,5 @@ class TGeoKD(DistillationModule):
             "using the in-batch ones for this step",
             stacklevel=3,
         )
-        num_classes = self.hparams.num_classes
         probs = teacher_logits.float().softmax(dim=1)
-        sums = probs.new_zeros(num_classes, num_classes).index_add_(0, target, probs)
-        counts = torch.bincount(target, minlength=num_classes).clamp(min=1)
-        return sums / counts[:, None].to(sums.dtype)
-
-
-def _endless(loader: Iterable) -> Iterator:
-    """The loader's batches, epoch after epoch (``itertools.cycle`` would keep them all)."""
-    while True:
-        yield from loader
+        return ClassMeans.of_batch(probs, target, self.hparams.num_classes).means()

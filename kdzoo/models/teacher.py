@@ -1,9 +1,17 @@
-"""Teachers: a frozen :class:`~kdzoo.models.backbone.Backbone` built from a name and weights.
+"""The frozen-teacher primitive, and teachers built from a name and weights.
 
-:class:`TeacherSpec` is the config block every distillation method (and every test-time
-adaptation source model) reads; :func:`build_teacher` turns it into a :class:`Teacher`: frozen,
-in eval mode for ever, run without autograd, and re-normalising the student's input batch when
-the two networks expect different mean/std, so one data pipeline feeds both.
+:class:`Teacher` is what every kdzoo method distils from, whatever the network: a timm classifier
+(:func:`build_teacher`), a segmentation network, a cross-modal fusion or unimodal network, KC's
+specialists, a CLIP classifier. It is frozen, in eval mode for ever, run without autograd,
+re-normalises the student's input batch when the two networks expect different mean/std (so one
+data pipeline feeds both), and is left out of checkpoints by the module root
+(:class:`~kdzoo.methods.module.KDZooModule` drops the keys of every ``Teacher`` it holds; a
+teacher is rebuilt from the config on load). Its weights are loaded strictly, with one
+explanation of what does not fit (:func:`~kdzoo.models.weights.load_strictly`).
+
+:class:`TeacherSpec` is the config block of a timm classifier teacher (and of a test-time
+adaptation source model, which is loaded the same way by :func:`build_teacher_backbone` but
+adapted, not frozen); :func:`build_teacher` turns it into a :class:`Teacher`.
 """
 
 from __future__ import annotations
@@ -18,7 +26,12 @@ from torch import nn
 
 from kdzoo.errors import ConfigError, KDZooError
 from kdzoo.models.backbone import Backbone
-from kdzoo.models.weights import WeightsError, checkpoint_hyperparameters, load_backbone_state
+from kdzoo.models.weights import (
+    WeightsError,
+    checkpoint_hyperparameters,
+    load_backbone_state,
+    load_strictly,
+)
 
 __all__ = [
     "RANDOM_INIT",
@@ -74,13 +87,27 @@ class TeacherSpec:
 
 
 class Teacher(nn.Module):
-    """A frozen network that stays in eval mode and runs without autograd.
+    """A frozen network that stays in eval mode for ever and runs without autograd.
 
-    ``backbone`` is a :class:`~kdzoo.models.backbone.Backbone` for classification methods, or a
-    :class:`~kdzoo.models.segmentation.SegmentationModel` for segmentation ones.
+    Args:
+        backbone: the network: a :class:`~kdzoo.models.backbone.Backbone` (classifier
+            teachers), a :class:`~kdzoo.models.segmentation.SegmentationModel`, a cross-modal
+            :class:`~kdzoo.models.multimodal.FusionNet` or
+            :class:`~kdzoo.models.multimodal.UnimodalNet`, ... Its parameters stop requiring
+            gradients.
+        student_mean: the normalisation of the batches the teacher receives; with the three
+            others given and different from the teacher's, ``forward`` re-normalises.
+        student_std: the matching std.
+        teacher_mean: the normalisation the teacher's weights expect.
+        teacher_std: the matching std.
 
-    ``forward`` takes the batch normalised for the student and maps it to the teacher's
-    normalisation with one affine op: ``x_t = x * (std_s / std_t) + (mean_s - mean_t) / std_t``.
+    ``forward(*inputs, indices=None)`` calls ``backbone(*inputs)`` (``indices`` is passed on
+    when given: a :class:`~kdzoo.models.backbone.Backbone`'s intermediate maps). A network with
+    several inputs (cross-modal) is never re-normalised; a single image batch normalised for the
+    student is mapped to the teacher's normalisation with one affine op:
+    ``x_t = x * (std_s / std_t) + (mean_s - mean_t) / std_t``.
+
+    Subclasses with their own input mapping (the CLIP teachers) override ``forward``.
     """
 
     def __init__(
@@ -113,15 +140,16 @@ class Teacher(nn.Module):
         return super().train(False)
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, indices: int | Sequence[int] | None = None) -> Any:
+    def forward(self, *inputs: torch.Tensor, indices: int | Sequence[int] | None = None) -> Any:
         if self.renormalise:
+            (x,) = inputs  # re-normalisation is set up for one image batch only
             # Only the image channels; extra input channels (LAD's label channel) follow them.
             k = self.scale.shape[1]
             image = x[:, :k] * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-            x = torch.cat([image, x[:, k:]], dim=1) if x.shape[1] > k else image
+            inputs = (torch.cat([image, x[:, k:]], dim=1) if x.shape[1] > k else image,)
         if indices is None:  # also the call of networks without intermediate maps (segmentation)
-            return self.backbone(x)
-        return self.backbone(x, indices=indices)
+            return self.backbone(*inputs)
+        return self.backbone(*inputs, indices=indices)
 
 
 def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
@@ -131,7 +159,7 @@ def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
     gives its ``model.safetensors`` and ``config.json``; any other value is a file path.
     """
     if weights.startswith(HUB_PREFIX):
-        from kdzoo.hub import download
+        from kdzoo.hub.fetch import download
 
         return _exported_folder(download(weights[len(HUB_PREFIX) :]))
     if Path(weights).is_dir():
@@ -142,7 +170,7 @@ def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
 def _exported_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     """The folder's weight file and what its config.json records: ``architecture``,
     ``num_classes``, ``in_chans``, ``model_kwargs``, ``mean``, ``std``."""
-    from kdzoo.hub.load import read_config  # kdzoo.hub imports kdzoo.models
+    from kdzoo.hub.folder import read_config  # here: it imports kdzoo.models (package)
 
     weights, config = folder / "model.safetensors", folder / "config.json"
     if not weights.is_file() or not config.is_file():
@@ -337,45 +365,34 @@ def load_weights(
     on_class_mismatch: Callable[[int], KDZooError] | None = None,
 ) -> None:
     """Load a weight file (see :func:`~kdzoo.models.weights.load_backbone_state`) into
-    ``backbone``, raising a :class:`WeightsError` that names the mismatch if it does not fit.
+    ``backbone`` strictly, raising a :class:`WeightsError` that names the mismatch if it does
+    not fit (:func:`~kdzoo.models.weights.load_strictly`).
 
     Args:
         backbone: the network to load into.
         weights: the file.
         field: what the weights are for (``teacher``, ``source``, ...), for the messages.
         on_class_mismatch: the error to raise, given the number of classes the file's
-            classifier predicts, when only that differs from ``backbone``'s; by default a
-            :class:`WeightsError` that names both numbers.
+            classifier predicts, when it differs from ``backbone``'s; by default the
+            :class:`WeightsError` of the keys that do not fit says both numbers.
     """
     state = load_backbone_state(weights)
-    expected = backbone.model.state_dict()
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    if mismatched:
-        file_classes = _classifier_outputs(state, backbone)
-        hint = ""
-        if file_classes is not None and file_classes != backbone.num_classes:
-            if on_class_mismatch is not None:
-                raise on_class_mismatch(file_classes)
-            hint = (
-                f" It was trained on {file_classes} classes but the model was built for "
-                f"{backbone.num_classes}."
-            )
-        raise WeightsError(
-            f"{field} weights {weights} do not fit timm model {backbone.name!r}.{hint} "
-            f"Mismatched tensors: {'; '.join(mismatched[:3])}"
+    hint = f"Is {field}.name the architecture the file was trained with?"
+    file_classes = _classifier_outputs(state, backbone)
+    if file_classes is not None and file_classes != backbone.num_classes:
+        if on_class_mismatch is not None:
+            raise on_class_mismatch(file_classes)
+        hint = (
+            f"It was trained on {file_classes} classes but the model was built for "
+            f"{backbone.num_classes}."
         )
-    missing, unexpected = backbone.model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise WeightsError(
-            f"{field} weights {weights} do not match timm model {backbone.name!r}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected keys "
-            f"(e.g. {unexpected[:3]}). Is {field}.name the architecture the file was trained "
-            "with?"
-        )
+    load_strictly(
+        backbone.model,
+        state,
+        what=f"{field} weights {weights}",
+        into=f"timm model {backbone.name!r}",
+        hint=hint,
+    )
 
 
 def _classifier_outputs(state: dict[str, torch.Tensor], backbone: Backbone) -> int | None:

@@ -4,22 +4,30 @@ Every ``.ckpt``/``.pt``/``.pth`` load in kdzoo goes through :func:`safe_torch_lo
 ever calls ``torch.load(..., weights_only=True)``; published artifacts are safetensors.
 :func:`load_backbone_state` turns any supported weight file into the state dict of a bare timm
 model, so a teacher can come from a kdzoo training run, a safetensors export or a plain
-PyTorch state dict.
+PyTorch state dict. :func:`load_strictly` is the one place a state dict is loaded into a network:
+it loads with ``strict=True`` or says which keys do not fit and why that may be.
 """
 
 from __future__ import annotations
 
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from kdzoo.errors import KDZooError
 
-__all__ = ["WeightsError", "load_backbone_state", "load_safetensors", "safe_torch_load"]
+__all__ = [
+    "WeightsError",
+    "load_backbone_state",
+    "load_safetensors",
+    "load_strictly",
+    "safe_torch_load",
+]
 
 # Prefixes under which kdzoo modules keep their student network; stripped in this order.
 # "student." last: a segmentation method's student is a SegmentationModel, not a Backbone.
@@ -28,6 +36,57 @@ _STUDENT_PREFIXES = ("student.model.", "model.", "module.", "student.")
 
 class WeightsError(KDZooError, RuntimeError):
     """A weight file is missing, unsafe, or does not fit the model it is loaded into."""
+
+
+def load_strictly(
+    network: nn.Module,
+    state: Mapping[str, torch.Tensor],
+    *,
+    what: str,
+    into: str | None = None,
+    hint: str | Callable[[list[str]], str] = "",
+) -> None:
+    """``network.load_state_dict(state, strict=True)``, or a one-line :class:`WeightsError`
+    that names the weights, the network, the keys that do not fit and the likely cause.
+
+    Args:
+        network: the network to load into.
+        state: its state dict, as read from a file.
+        what: the weights, as the message's subject, e.g. ``"teacher weights run.ckpt"``.
+        into: the network, for the message (default: its class name).
+        hint: the likely cause, appended to the message; or a function of the keys that do not
+            fit (missing, unexpected and of another shape, sorted) that returns it.
+
+    Raises:
+        WeightsError: keys are missing or unexpected, or tensors have other shapes; nothing is
+            loaded then.
+    """
+    expected = network.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mismatched = sorted(
+        k for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        shapes = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+            for k in mismatched
+        ]
+        details = "; ".join(
+            f"{label} ({len(keys)}): {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+            for label, keys in (
+                ("missing keys", missing),
+                ("unexpected keys", unexpected),
+                ("shape mismatches", shapes),
+            )
+            if keys
+        )
+        cause = hint(sorted(missing + unexpected + mismatched)) if callable(hint) else hint
+        raise WeightsError(
+            f"{what} do not fit {into or type(network).__name__}: {details}"
+            + (f". {cause}" if cause else "")
+        )
+    network.load_state_dict(state, strict=True)
 
 
 def safe_torch_load(path: str | Path) -> Any:

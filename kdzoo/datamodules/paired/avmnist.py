@@ -29,7 +29,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from kdzoo.datamodules.base import DataError, _check
 from kdzoo.datamodules.paired.base import (
     PairedDataset,
     PairedInfo,
@@ -37,14 +36,16 @@ from kdzoo.datamodules.paired.base import (
     as_tensor,
     check_labels,
     check_lengths,
-    holdout_split,
     load_npy,
     min_max,
     random_split,
 )
+from kdzoo.datamodules.skeleton import check_arg, check_choice, check_fraction, holdout_split
+from kdzoo.errors import DataError
 
 __all__ = ["AVMNIST"]
 
+Split = Literal["official", "random"]
 IMAGE_SHAPE = (1, 28, 28)
 AUDIO_SHAPE = (1, 112, 112)
 
@@ -74,21 +75,17 @@ def _prepare(image: Any, audio: Any, label: Any):
 class AVMNIST(PairedModalityDataModule):
     """AV-MNIST image/audio pairs (see the module docstring for layout and normalisation).
 
+    Found under ``$KDZOO_DATA/avmnist`` or ``~/.cache/kdzoo/data/avmnist`` without ``root``;
+    MST-Distill trains with ``batch_size=512``.
+
     Args:
-        root: the AV-MNIST directory (holding ``image/``, ``audio/`` and the label files); ``None``
-            searches ``$KDZOO_DATA/avmnist`` and ``~/.cache/kdzoo/data/avmnist``.
-        batch_size: samples per batch (MST-Distill uses 512).
-        num_workers: DataLoader worker processes.
-        split: ``"official"`` (train/test files; val held out of train) or ``"random"`` (the
-            repo's pooled 60/20/20 split).
+        split: ``"official"`` (train/test files; val held out of train, seeded by ``split_seed``)
+            or ``"random"`` (the repo's pooled 60/20/20 split, permuted by ``split_seed``).
         val_fraction: share of the official train part held out for validation, in (0, 1)
             (``split="official"`` only).
-        split_seed: seed of the val hold-out (official) or of the 60/20/20 permutation (random),
-            and of the subsets.
         split_file: with ``split="random"``, a permutation CSV in the repo's
             ``metadata/<db>_indices.csv`` format; column ``group_<split_seed>`` is used.
-        train_subset: keep only this many (seeded random) training samples.
-        eval_subset: same for val and test.
+        Other arguments: see :class:`~kdzoo.datamodules.paired.base.PairedModalityDataModule`.
     """
 
     name = "AV-MNIST"
@@ -101,20 +98,17 @@ class AVMNIST(PairedModalityDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
-        split: Literal["official", "random"] = "official",
+        *,
+        split: Split = "official",
         val_fraction: float = 0.1,
-        split_seed: int = 0,
         split_file: str | None = None,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, split_seed, train_subset, eval_subset)
-        _check("split", split, split in ("official", "random"), "'official' or 'random'")
-        _check("val_fraction", val_fraction, 0.0 < val_fraction < 1.0, "in (0, 1)")
-        _check(
+        super().__init__(**kwargs)
+        # From Python, a misspelt split would silently be the official one.
+        check_choice("split", split, Split)
+        check_fraction("val_fraction", val_fraction)
+        check_arg(
             "split_file",
             split_file,
             split_file is None or split == "random",
@@ -125,6 +119,7 @@ class AVMNIST(PairedModalityDataModule):
     def describe(self) -> PairedInfo:
         return PairedInfo(("image", "audio"), (IMAGE_SHAPE, AUDIO_SHAPE), tuple("0123456789"))
 
+    @property
     def expected_files(self) -> dict[str, str]:
         files = {}
         for part in ("train", "test"):

@@ -17,40 +17,35 @@ Every paired DataModule follows one contract, so the cross-modal methods can be 
   drawn from ``split_seed`` or read from one of the repo's ``metadata/<db>_indices.csv`` files;
   datasets with official splits hold ``val_fraction`` of the official train part out instead;
 - nothing is downloaded; a missing dataset raises
-  :class:`~kdzoo.datamodules.base.DatasetNotFoundError` saying where kdzoo looked and how to get
+  :class:`~kdzoo.datamodules.skeleton.DatasetNotFoundError` saying where kdzoo looked and how to get
   the data, and a dataset missing only some files raises :class:`MissingDataFileError` naming
   them; malformed files (mismatched lengths, bad shapes) raise
-  :class:`~kdzoo.datamodules.base.DataError`.
+  :class:`~kdzoo.errors.DataError`.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from abc import ABC, abstractmethod
-from collections.abc import Callable
+from abc import abstractmethod
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from kdzoo.datamodules.base import (
-    DataError,
+from kdzoo.datamodules.skeleton import (
     DatasetNotFoundError,
     Expected,
-    ReseedingDataLoader,
-    ResolvedHparamsMixin,
-    _check,
-    _has,
-    default_cache_dir,
-    loader_start,
-    resolve_root,
-    seed_worker,
+    KDZooDataModule,
+    check_count,
+    has_file,
+    seeded_subset,
 )
+from kdzoo.errors import DataError
 
 #: Where MST-Distill cuts its permutation into train / val / test (60/20/20) for datasets
 #: without official splits; the literals of its ``utils.get_indices`` (0.6 + 0.2 != 0.8 in floats).
@@ -173,15 +168,6 @@ def random_split(
     return np.sort(perm[:a]), np.sort(perm[a:b]), np.sort(perm[b:])
 
 
-def holdout_split(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded ``(train, val)`` indices of an official train part (kdzoo's classification rule)."""
-    n_val = round(n * val_fraction)
-    if n_val >= n:
-        raise DataError(f"val_fraction={val_fraction} leaves none of the {n} training samples")
-    perm = np.random.default_rng(seed).permutation(n)
-    return np.sort(perm[n_val:]), np.sort(perm[:n_val])
-
-
 # -- dataset ------------------------------------------------------------------------------------
 
 
@@ -219,54 +205,40 @@ def as_tensor(x: Any) -> torch.Tensor:
 # -- the DataModule -----------------------------------------------------------------------------
 
 
-class PairedModalityDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC):
+class PairedModalityDataModule(KDZooDataModule):
     """Base DataModule for two-modality data; the batch contract is in the module docstring.
 
     Subclasses set the class attributes describing their data and implement :meth:`describe`
-    (modalities, per-sample shapes, class names), :meth:`expected_files` and :meth:`load_splits`.
+    (modalities, per-sample shapes, class names), :attr:`expected_files` and :meth:`load_splits`.
+    Nothing is ever downloaded.
 
     Args:
-        root: dataset directory (the only place searched when given); ``None`` searches
-            ``$KDZOO_DATA/<subdir>``, ``~/.cache/kdzoo/data/<subdir>`` and known system
-            locations (see :func:`~kdzoo.datamodules.base.resolve_root`). Nothing is downloaded.
-        batch_size: samples per batch for every split.
-        num_workers: DataLoader worker processes (0 loads in the main process).
         split_seed: seed of the train/val(/test) split and of the subsets.
         train_subset: keep only this many (seeded random) training samples; ``None`` keeps all.
         eval_subset: same for the val and test splits.
+        Other arguments (``root``, ``batch_size``, ``num_workers``): see
+            :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
 
     name: str = "paired dataset"
-    #: ``$KDZOO_DATA/<data_subdir>`` and ``~/.cache/kdzoo/data/<data_subdir>`` are searched.
-    data_subdir: str = ""
-    system_dirs: tuple[str, ...] = ()
-    #: How to obtain the data, e.g. the official download page (kdzoo never downloads it).
-    install_hint: str | None = None
     task: str = "classification"
     ignore_index: int | None = None
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 128,
-        num_workers: int = 0,
+        *,
         split_seed: int = 0,
         train_subset: int | None = None,
         eval_subset: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        _check("batch_size", batch_size, batch_size >= 1, "an integer >= 1")
-        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
-        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
-            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
-        self.root = root
-        self.batch_size, self.num_workers, self.split_seed = batch_size, num_workers, split_seed
+        super().__init__(**kwargs)
+        check_count("split_seed", split_seed, 0)
+        check_count("train_subset", train_subset, optional=True)
+        check_count("eval_subset", eval_subset, optional=True)
+        self.split_seed = split_seed
         self.train_subset, self.eval_subset = train_subset, eval_subset
         self._info: PairedInfo | None = None
-        self.train: PairedDataset | None = None
-        self.val = self.test = self.predict = self.train
 
     # -- the contract's properties ----------------------------------------------------------------
 
@@ -298,59 +270,37 @@ class PairedModalityDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC)
 
     # -- data location ----------------------------------------------------------------------------
 
+    @property
     @abstractmethod
-    def expected_files(self) -> dict[Expected, str]:
+    def expected_files(self) -> Mapping[Expected, str]:
         """The files a data directory must hold, each with what it is (named in errors)."""
 
-    def how_to_get(self) -> list[str]:
-        hints = [self.install_hint] if self.install_hint else []
-        return [*hints, "pass --data.root DIR where DIR holds these files"]
-
-    def _candidate_dirs(self) -> list[Path]:
-        if self.root is not None:
-            return [Path(self.root).expanduser()]
-        env = os.environ.get("KDZOO_DATA")
-        bases = [Path(env).expanduser() / self.data_subdir] if env else []
-        return [*bases, default_cache_dir(self.data_subdir), *map(Path, self.system_dirs)]
-
-    def find_root(self, expected: dict[Expected, str] | None = None) -> Path:
-        """The directory holding ``expected`` (default :meth:`expected_files`).
+    def find_root(self) -> Path:
+        """The directory holding :attr:`expected_files`.
 
         Raises:
             MissingDataFileError: a searched directory holds some of the files but not all; the
                 missing ones are named with what they are.
             DatasetNotFoundError: no searched directory holds any of them.
         """
-        expected = self.expected_files() if expected is None else expected
-        hints = self.how_to_get()
         try:
-            return resolve_root(
-                self.name,
-                self.root,
-                self.data_subdir,
-                list(expected),
-                system_dirs=self.system_dirs,
-                how_to_get=hints,
-            )
+            return super().find_root()
         except DatasetNotFoundError:
             # A directory with only some of the files is almost surely the user's copy with a
             # modality (or a split) left out: name exactly what is missing.
-            for directory in self._candidate_dirs():
+            expected = self.expected_files
+            for directory in self.search_dirs():
                 missing = [
                     f"{directory / (item if isinstance(item, str) else item[0])} ({what})"
                     for item, what in expected.items()
-                    if not _has(directory, item)
+                    if not has_file(directory, item)
                 ]
                 if len(missing) < len(expected):
                     raise MissingDataFileError(
                         f"{self.name}: incomplete data in {directory}: missing "
-                        f"{'; '.join(missing)}. To fix it: {'; or '.join(hints)}."
+                        f"{'; '.join(missing)}. To fix it: {'; or '.join(self.how_to_get())}."
                     ) from None
             raise
-
-    def prepare_data(self) -> None:
-        """Check that the data is present (nothing is ever downloaded)."""
-        self.find_root()
 
     # -- datasets ---------------------------------------------------------------------------------
 
@@ -359,11 +309,8 @@ class PairedModalityDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC)
         """The full ``(train, val, test)`` datasets, before ``train_subset``/``eval_subset``."""
 
     def _subset(self, dataset: PairedDataset, size: int | None, stream: int) -> PairedDataset:
-        if size is None or size >= len(dataset):
-            return dataset
-        # A generator per split (``stream``): the val subset does not change with train_subset.
-        rng = np.random.default_rng([self.split_seed, stream])
-        return dataset.subset(np.sort(rng.permutation(dataset.indices)[:size]))
+        indices = seeded_subset(dataset.indices, size, self.split_seed, stream)
+        return dataset if indices is dataset.indices else dataset.subset(indices)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:  # the datasets do not depend on the stage: build them once
@@ -373,32 +320,3 @@ class PairedModalityDataModule(ResolvedHparamsMixin, L.LightningDataModule, ABC)
         self.val = self._subset(val, self.eval_subset, 2)
         self.test = self._subset(test, self.eval_subset, 3)
         self.predict = self.test
-
-    # -- loaders ----------------------------------------------------------------------------------
-
-    def _loader(self, dataset: PairedDataset | None, shuffle: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
-        # Shuffled from (seed, epoch) without touching the global RNG, so resuming is exact.
-        return ReseedingDataLoader(
-            dataset,
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker,
-            drop_last=False,
-            **loader_start(self.trainer, train=shuffle),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.predict, shuffle=False)

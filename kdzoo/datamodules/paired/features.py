@@ -21,10 +21,10 @@ otherwise ``num_classes`` gives it, or the largest label + 1. Features are retur
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from kdzoo.datamodules.base import DataError, _check
 from kdzoo.datamodules.paired.base import (
     PairedDataset,
     PairedInfo,
@@ -35,7 +35,8 @@ from kdzoo.datamodules.paired.base import (
     load_npy,
     random_split,
 )
-from kdzoo.errors import ConfigError
+from kdzoo.datamodules.skeleton import check_arg, check_count
+from kdzoo.errors import ConfigError, DataError
 
 __all__ = ["FeaturePairs"]
 
@@ -53,19 +54,16 @@ class FeaturePairs(PairedModalityDataModule):
     opens the ``.npy`` headers (memory-mapped) and the labels, so a missing dataset is reported
     there.
 
+    Found under ``$KDZOO_DATA/feature_pairs`` or ``~/.cache/kdzoo/data/feature_pairs`` without
+    ``root``; MST-Distill trains on CrisisMMD with ``batch_size=512``.
+
     Args:
-        root: the directory holding the ``.npy`` files; ``None`` searches
-            ``$KDZOO_DATA/feature_pairs`` and ``~/.cache/kdzoo/data/feature_pairs``.
         modalities: names of m1 and m2 (MST-Distill's CrisisMMD: image, text).
-        batch_size: samples per batch (MST-Distill uses 512 on CrisisMMD).
-        num_workers: DataLoader worker processes.
-        split_seed: seed of the 60/20/20 split (single-file layout) and of the subsets.
         split_file: single-file layout only: a permutation CSV in the repo's
             ``metadata/<db>_indices.csv`` format; column ``group_<split_seed>`` is used.
         num_classes: number of classes when there is no ``class_names.txt`` (``None``: the
             largest label + 1).
-        train_subset: keep only this many (seeded random) training samples.
-        eval_subset: same for val and test.
+        Other arguments: see :class:`~kdzoo.datamodules.paired.base.PairedModalityDataModule`.
     """
 
     name = "FeaturePairs"
@@ -77,26 +75,17 @@ class FeaturePairs(PairedModalityDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
+        *,
         modalities: tuple[str, str] = ("image", "text"),
-        batch_size: int = 128,
-        num_workers: int = 0,
-        split_seed: int = 0,
         split_file: str | None = None,
         num_classes: int | None = None,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, split_seed, train_subset, eval_subset)
+        super().__init__(**kwargs)
         names = tuple(modalities)
         ok = len(names) == 2 and all(isinstance(m, str) and m for m in names)
-        _check("modalities", modalities, ok and names[0] != names[1], "two distinct names")
-        _check(
-            "num_classes",
-            num_classes,
-            num_classes is None or num_classes >= 1,
-            "None or an integer >= 1",
-        )
+        check_arg("modalities", modalities, ok and names[0] != names[1], "two distinct names")
+        check_count("num_classes", num_classes, optional=True)
         self.names: tuple[str, str] = (names[0], names[1])
         self.split_file, self.fixed_num_classes = split_file, num_classes
 
@@ -119,7 +108,7 @@ class FeaturePairs(PairedModalityDataModule):
         """Whether the data comes split: the first searched directory holding any file of
         either layout decides (the split layout when none does, for the error message)."""
         split_files = [f"{s}_{x}.npy" for s in SPLITS for x in ("m1", "m2", "labels")]
-        for directory in self._candidate_dirs():
+        for directory in self.search_dirs():
             if any((directory / name).exists() for name in split_files):
                 return True
             if any((directory / name).exists() for name in ("m1.npy", "m2.npy", "labels.npy")):
@@ -132,6 +121,7 @@ class FeaturePairs(PairedModalityDataModule):
             "give all samples as m1.npy, m2.npy and labels.npy instead (split 60/20/20 by kdzoo)",
         ]
 
+    @property
     def expected_files(self) -> dict[str, str]:
         if self._split_layout():
             return {k: v for split in SPLITS for k, v in self._files(f"{split}_").items()}

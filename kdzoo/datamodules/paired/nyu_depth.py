@@ -44,7 +44,6 @@ import cv2
 import numpy as np
 import torch
 
-from kdzoo.datamodules.base import DataError, _check
 from kdzoo.datamodules.paired.base import (
     MissingDataFileError,
     PairedDataset,
@@ -55,7 +54,8 @@ from kdzoo.datamodules.paired.base import (
     min_max,
     random_split,
 )
-from kdzoo.errors import KDZooError
+from kdzoo.datamodules.skeleton import check_arg
+from kdzoo.errors import DataError, KDZooError
 
 __all__ = ["NYU40_CLASSES", "NYUDepthV2"]
 
@@ -157,21 +157,20 @@ def read_labels40_mat(path: Path, n: int, hw: tuple[int, int]) -> np.ndarray:
 class NYUDepthV2(PairedModalityDataModule):
     """NYU Depth V2 RGB/depth pairs with 40-class masks (see the module docstring).
 
+    Found under ``$KDZOO_DATA/nyu_depth_v2`` or ``~/.cache/kdzoo/data/nyu_depth_v2`` without
+    ``root``: the directory holding ``nyu_depth_v2_labeled.mat`` (and ``labels40.mat`` or
+    ``labels40.npy``).
+
     Args:
-        root: directory holding ``nyu_depth_v2_labeled.mat`` (and ``labels40.mat`` or
-            ``labels40.npy``); ``None`` searches ``$KDZOO_DATA/nyu_depth_v2`` and
-            ``~/.cache/kdzoo/data/nyu_depth_v2``.
         batch_size: samples per batch (MST-Distill uses 6).
-        num_workers: DataLoader worker processes.
-        split_seed: seed of the 60/20/20 permutation (or the ``split_file`` column) and subsets.
         split_file: the repo's ``metadata/NYU-Depth-V2_indices.csv``; column
-            ``group_<split_seed>`` gives the permutation.
+            ``group_<split_seed>`` gives the permutation (``split_seed`` otherwise seeds the
+            60/20/20 permutation).
         image_size: ``[height, width]`` (or one int) of the samples; the stored 480x640 is
             resized to it when different.
         keep_void_id: keep ``labels40``'s ids (``num_classes`` 41) instead of shifting them to
             ``0..39``; void is 255 either way.
-        train_subset: keep only this many (seeded random) training samples.
-        eval_subset: same for val and test.
+        Other arguments: see :class:`~kdzoo.datamodules.paired.base.PairedModalityDataModule`.
     """
 
     name = "NYU Depth V2 (labelled)"
@@ -186,19 +185,16 @@ class NYUDepthV2(PairedModalityDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
+        *,
         batch_size: int = 6,
-        num_workers: int = 0,
-        split_seed: int = 0,
         split_file: str | None = None,
         image_size: int | tuple[int, int] = NATIVE_SIZE,
         keep_void_id: bool = False,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, split_seed, train_subset, eval_subset)
+        super().__init__(batch_size=batch_size, **kwargs)
         size = _pair(image_size)
-        _check("image_size", image_size, size is not None, "an integer >= 1 or [height, width]")
+        check_arg("image_size", image_size, size is not None, "an integer >= 1 or [height, width]")
         self.image_size: tuple[int, int] = size
         self.split_file, self.keep_void_id = split_file, keep_void_id
 
@@ -207,6 +203,7 @@ class NYUDepthV2(PairedModalityDataModule):
         names = ("void", *NYU40_CLASSES) if self.keep_void_id else NYU40_CLASSES
         return PairedInfo(("rgb", "depth"), ((3, h, w), (1, h, w)), names)
 
+    @property
     def expected_files(self) -> dict[Any, str]:
         return {MAT_FILES: "images (modality 'rgb') and depths (modality 'depth')"}
 

@@ -15,12 +15,9 @@ import numpy as np
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 
-from kdzoo.datamodules.base import DataError, _check
-from kdzoo.datamodules.segmentation.base import (
-    SegmentationDataModule,
-    SegmentationDataset,
-    seeded_subset,
-)
+from kdzoo.datamodules.segmentation.base import SegmentationDataModule, SegmentationDataset
+from kdzoo.datamodules.skeleton import check_count, seeded_subset
+from kdzoo.errors import DataError
 
 __all__ = ["DomainAdaptation"]
 
@@ -47,7 +44,7 @@ class DomainAdaptation(L.LightningDataModule):
         future_batches: int = 0,
     ) -> None:
         super().__init__()
-        _check("future_batches", future_batches, future_batches >= 0, "an integer >= 0")
+        check_count("future_batches", future_batches, 0)
         if source.num_classes != target.num_classes:
             raise DataError(
                 f"source {source.name} has {source.num_classes} classes and target {target.name} "

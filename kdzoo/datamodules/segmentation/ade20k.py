@@ -12,13 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kdzoo.datamodules.base import DataError
 from kdzoo.datamodules.segmentation.base import (
     IGNORE_INDEX,
     SegItem,
     SegmentationDataModule,
     missing_split,
 )
+from kdzoo.errors import DataError
 
 __all__ = ["ADE20K", "ADE20K_CLASSES", "reduce_zero_label_lut"]
 
@@ -67,7 +67,7 @@ class ADE20K(SegmentationDataModule):
     data_subdir = "ade"
     layouts = ("", "ADEChallengeData2016")
     expected_files = ("images", "annotations")
-    get_hint = (
+    install_hint = (
         "download ADEChallengeData2016.zip from http://sceneparsing.csail.mit.edu and unzip it "
         "into DIR"
     )

@@ -19,7 +19,7 @@ LightningCLI config can swap datasets and the segmentation methods (LAD, FST, ..
 - the train pipeline is one albumentations ``Compose`` applied to image and mask together: random
   scale, pad to the crop (image 0, mask 255), random crop, horizontal flip, normalise; its RNG is
   seeded by the classification base's scheme (``ReseedingDataLoader``,
-  ``TransformedDataset.seed_item`` of :mod:`kdzoo.datamodules.base`: item ``j`` of epoch ``e``
+  ``TransformedDataset.seed_item`` of :mod:`kdzoo.datamodules.loading`: item ``j`` of epoch ``e``
   from ``(loader seed, e, j)``), so runs under ``lightning.seed_everything`` see identical
   batches, and a resumed run the batches of the uninterrupted one;
 - every mask is checked when it is loaded (size against its image; ids against ``0..C-1`` and
@@ -31,29 +31,18 @@ The datasets, mask checks and split-list helpers live in
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
 import cv2
-import lightning as L
 import numpy as np
 from albumentations.pytorch import ToTensorV2
 from lightning.pytorch.utilities.combined_loader import CombinedLoader
 from torch.utils.data import DataLoader
 
-from kdzoo.datamodules.base import (
-    DataError,
-    DatasetNotFoundError,
-    Expected,
-    ReseedingDataLoader,
-    _check,
-    loader_start,
-    resolve_root,
-    seed_worker,
-)
 from kdzoo.datamodules.image_folder import IMAGENET_MEAN, IMAGENET_STD
 from kdzoo.datamodules.segmentation.dataset import (
     IGNORE_INDEX,
@@ -66,8 +55,15 @@ from kdzoo.datamodules.segmentation.dataset import (
     collate,
     encode_mask,
     read_split_list,
+)
+from kdzoo.datamodules.skeleton import (
+    DatasetNotFoundError,
+    KDZooDataModule,
+    check_arg,
+    check_count,
     seeded_subset,
 )
+from kdzoo.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -89,26 +85,23 @@ def _pair(name: str, value: Any, allow_none: bool = False) -> tuple[int, int] | 
     pair = (value, value) if isinstance(value, int) else tuple(value)
     ok = len(pair) == 2 and all(isinstance(v, int) and v >= 1 for v in pair)
     accepted = "an integer >= 1 or [height, width]" + (" or None" if allow_none else "")
-    _check(name, value, ok, accepted)
+    check_arg(name, value, ok, accepted)
     return pair
 
 
 # -- the DataModule -----------------------------------------------------------------------------
 
 
-class SegmentationDataModule(L.LightningDataModule, ABC):
+class SegmentationDataModule(KDZooDataModule):
     """Base DataModule for semantic segmentation (contract in the module docstring).
 
     Subclasses set the class attributes describing their data and implement :meth:`load_split`.
+    Nothing is ever downloaded.
 
     Args:
-        root: dataset directory (the only place searched when given); ``None`` searches
-            ``$KDZOO_DATA/<subdir>`` and ``~/.cache/kdzoo/data/<subdir>`` (see
-            :func:`~kdzoo.datamodules.base.resolve_root`). Nothing is ever downloaded.
         batch_size: training images per batch (labelled and unlabelled each).
         eval_batch_size: images per val/test/predict batch; keep 1 for datasets whose images
             differ in size unless ``eval_size`` is set.
-        num_workers: DataLoader worker processes per loader (0 loads in the main process).
         crop_size: training crop, an int or ``[height, width]``.
         scale_range: random rescale factor range of the training images (relative to their
             stored size), image bilinear, mask nearest.
@@ -126,14 +119,11 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         future_batches: ``K`` further labelled+unlabelled batches per step under ``"future"``
             (FST-W); needs unlabelled data.
         split_seed: seed of the subsets (and of datasets without an official val split).
+        Other arguments (``root``, ``num_workers``): see
+            :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
 
-    name: str = "dataset"
-    data_subdir: str = ""
-    layouts: tuple[str, ...] = ("",)
-    expected_files: tuple[Expected, ...] = ()
-    #: How to obtain the data (the hint of the missing-data error).
-    get_hint: str = ""
+    expected_kind = "folders"
     #: What to do about mask ids outside ``0..C-1`` and 255.
     mask_fix: str = ""
     default_class_names: tuple[str, ...] = ()
@@ -142,10 +132,9 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     def __init__(
         self,
-        root: str | None = None,
+        *,
         batch_size: int = 8,
         eval_batch_size: int = 1,
-        num_workers: int = 0,
         crop_size: Size = 512,
         scale_range: tuple[float, float] = (0.5, 2.0),
         flip: bool = True,
@@ -157,24 +146,20 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         unlabelled: bool = False,
         future_batches: int = 0,
         split_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
-        for arg, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
-            _check(arg, value, isinstance(value, int) and value >= 1, "an integer >= 1")
-        _check("num_workers", num_workers, num_workers >= 0, "an integer >= 0")
-        _check("split_seed", split_seed, split_seed >= 0, "an integer >= 0")
-        _check("future_batches", future_batches, future_batches >= 0, "an integer >= 0")
-        for arg, value in (("train_subset", train_subset), ("eval_subset", eval_subset)):
-            _check(arg, value, value is None or value >= 1, "None or an integer >= 1")
+        super().__init__(batch_size=batch_size, **kwargs)
+        check_count("eval_batch_size", eval_batch_size)
+        check_count("split_seed", split_seed, 0)
+        check_count("future_batches", future_batches, 0)
+        check_count("train_subset", train_subset, optional=True)
+        check_count("eval_subset", eval_subset, optional=True)
         scale = tuple(float(s) for s in scale_range)
         ok = len(scale) == 2 and 0 < scale[0] <= scale[1]
-        _check("scale_range", scale_range, ok, "(low, high) with 0 < low <= high")
-        self.save_hyperparameters()
+        check_arg("scale_range", scale_range, ok, "(low, high) with 0 < low <= high")
         # Plain attributes, not hparams: a subclass may redefine an argument (the mosaics'
         # ``unlabelled`` is a mode), and hparams would then hold the subclass's value.
-        self.root = root
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
-        self.num_workers = num_workers
+        self.eval_batch_size = eval_batch_size
         self.crop_size = _pair("crop_size", crop_size)
         self.eval_size = _pair("eval_size", eval_size, allow_none=True)
         self.scale_range = scale
@@ -185,11 +170,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         self.use_unlabelled = unlabelled
         self.future_batches = future_batches
         self.check_unlabelled_args(labelled_list, unlabelled, future_batches)
-        self.train: SegmentationDataset | None = None
         self.train_unlabelled: SegmentationDataset | None = None
-        self.val: SegmentationDataset | None = None
-        self.test: SegmentationDataset | None = None
-        self.predict: SegmentationDataset | None = None
 
     def check_unlabelled_args(
         self, labelled_list: str | None, unlabelled: bool, future_batches: int
@@ -237,24 +218,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     # -- data location -------------------------------------------------------------------------
 
     def how_to_get(self) -> list[str]:
-        places = " or ".join(f"DIR/{layout}" if layout else "DIR" for layout in self.layouts)
-        hints = [] if not self.get_hint else [self.get_hint + " (kdzoo never downloads it)"]
-        return [*hints, f"pass --data.root DIR where {places} holds these folders"]
-
-    def find_root(self) -> Path:
-        """The directory holding the dataset (raises :class:`DatasetNotFoundError`)."""
-        return resolve_root(
-            self.name,
-            self.root,
-            self.data_subdir,
-            self.expected_files,
-            layouts=self.layouts,
-            how_to_get=self.how_to_get(),
-        )
-
-    def prepare_data(self) -> None:
-        """Only checks the data is there: these datasets are never downloaded."""
-        self.find_root()
+        hints = super().how_to_get()
+        if self.install_hint:  # registration, licences or converters: fetched by hand
+            hints[0] += " (kdzoo never downloads it)"
+        return hints
 
     # -- splits --------------------------------------------------------------------------------
 
@@ -308,7 +275,7 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
     def setup(self, stage: str | None = None) -> None:
         if self.train is not None:  # datasets do not depend on the stage: build them once
             return
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank = self.global_rank
         train = self.load_split("train")
         labelled, unlabelled = self.split_labelled(train)
         labelled = seeded_subset(labelled, self.train_subset, self.split_seed, 1)
@@ -380,24 +347,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
 
     # -- loaders -------------------------------------------------------------------------------
 
-    def _require_setup(self, dataset: SegmentationDataset | None) -> SegmentationDataset:
-        if dataset is None:
-            raise RuntimeError(f"call {type(self).__name__}.setup() before asking for a dataloader")
-        return dataset
-
-    def _loader(self, dataset: SegmentationDataset, batch_size: int, train: bool) -> DataLoader:
-        return ReseedingDataLoader(
-            dataset,
-            batch_size=batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker,
-            collate_fn=collate,
-            # A last batch of one image breaks BatchNorm in pooled heads (DeepLabV3's ASPP).
-            drop_last=train,
-            **loader_start(self.trainer, train),
-        )
+    def loader(self, dataset: Any, train: bool = False, **kwargs: Any) -> DataLoader:
+        kwargs.setdefault("batch_size", self.batch_size if train else self.eval_batch_size)
+        # A last batch of one image breaks BatchNorm in pooled heads (DeepLabV3's ASPP).
+        return super().loader(dataset, train, collate_fn=collate, drop_last=train, **kwargs)
 
     def _train_loader(self, dataset: SegmentationDataset, fresh: bool) -> DataLoader:
         if len(dataset) < self.batch_size:
@@ -407,10 +360,10 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
             )
         if fresh:  # an independent augmentation stream over the same items
             dataset = dataset.with_transform(self.train_transform())
-        return self._loader(dataset, self.batch_size, train=True)
+        return self.loader(dataset, train=True)
 
     def train_dataloader(self) -> DataLoader | CombinedLoader:
-        labelled = self._require_setup(self.train)
+        labelled = self.require_setup(self.train)
         if self.train_unlabelled is None:
             return self._train_loader(labelled, fresh=False)
 
@@ -424,15 +377,6 @@ class SegmentationDataModule(L.LightningDataModule, ABC):
         if self.future_batches:
             iterables["future"] = [pair(fresh=True) for _ in range(self.future_batches)]
         return CombinedLoader(iterables, mode="max_size_cycle")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self._require_setup(self.val), self.eval_batch_size, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self._require_setup(self.test), self.eval_batch_size, train=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self._require_setup(self.predict), self.eval_batch_size, train=False)
 
 
 def missing_split(root: Path, folder: str, pattern: str) -> DatasetNotFoundError:

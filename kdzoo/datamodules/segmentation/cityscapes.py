@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from kdzoo.datamodules.base import DataError
 from kdzoo.datamodules.segmentation.base import (
     IGNORE_INDEX,
     SegItem,
@@ -21,6 +20,7 @@ from kdzoo.datamodules.segmentation.base import (
     Size,
     missing_split,
 )
+from kdzoo.errors import DataError
 
 __all__ = ["CITYSCAPES_CLASSES", "LABEL_ID_TO_TRAIN_ID", "Cityscapes", "label_id_lut"]
 
@@ -98,7 +98,7 @@ class Cityscapes(SegmentationDataModule):
     name = "Cityscapes"
     data_subdir = "cityscapes"
     expected_files = ("leftImg8bit", "gtFine")
-    get_hint = (
+    install_hint = (
         "register at https://www.cityscapes-dataset.com, download leftImg8bit_trainvaltest.zip "
         "and gtFine_trainvaltest.zip and unzip both into one folder DIR (optionally write "
         "*_labelTrainIds.png with mmseg's tools/dataset_converters/cityscapes.py)"
@@ -111,8 +111,8 @@ class Cityscapes(SegmentationDataModule):
     )
     default_class_names = CITYSCAPES_CLASSES
 
-    def __init__(self, root: str | None = None, crop_size: Size = (512, 1024), **kwargs: Any):
-        super().__init__(root=root, crop_size=crop_size, **kwargs)
+    def __init__(self, *, crop_size: Size = (512, 1024), **kwargs: Any) -> None:
+        super().__init__(crop_size=crop_size, **kwargs)
 
     def load_split(self, split: str) -> list[SegItem]:
         root = self.find_root()

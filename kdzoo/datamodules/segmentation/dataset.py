@@ -3,7 +3,7 @@
 Items (:class:`SegItem` files, :class:`ArrayItems` arrays), the per-item mask checks
 (:func:`encode_mask`: ids against ``0..C-1`` and :data:`IGNORE_INDEX`; image/mask sizes), the
 datasets that run image and mask jointly through one albumentations pipeline, the batch
-``collate``, and the split-list and seeded-subset helpers. The DataModules live in
+``collate``, and the split-list helpers. The DataModules live in
 :mod:`kdzoo.datamodules.segmentation.base`, which re-exports the public names.
 """
 
@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image
 from torch.utils.data import default_collate
 
-from kdzoo.datamodules.base import DataError, TransformedDataset
+from kdzoo.datamodules.loading import TransformedDataset
+from kdzoo.errors import DataError
 
 __all__ = [
     "IGNORE_INDEX",
@@ -33,7 +34,6 @@ __all__ = [
     "collate",
     "encode_mask",
     "read_split_list",
-    "seeded_subset",
 ]
 
 #: The "ignore" class id, on disk (mmseg, CIRKD, U2PL, DAFormer) and in every batch.
@@ -272,15 +272,3 @@ def read_split_list(path: str | Path) -> list[str]:
 def _item_names(item: SegItem) -> tuple[str, ...]:
     name = Path(item.relpath).name
     return (item.key, item.relpath, name, Path(name).stem)
-
-
-def seeded_subset(indices: np.ndarray, size: int | None, seed: int, stream: int) -> np.ndarray:
-    """``size`` of ``indices`` drawn with generator ``(seed, stream)``, sorted; all if ``None``.
-
-    The classification base's scheme: one stream per split, so e.g. the val subset does not
-    change with ``train_subset``.
-    """
-    if size is None or size >= len(indices):
-        return indices
-    rng = np.random.default_rng([seed, stream])
-    return np.sort(rng.permutation(indices)[:size])

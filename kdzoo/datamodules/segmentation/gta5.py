@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from kdzoo.datamodules.base import DataError, _check
 from kdzoo.datamodules.segmentation.base import SegItem, SegmentationDataModule, missing_split
 from kdzoo.datamodules.segmentation.cityscapes import CITYSCAPES_CLASSES, label_id_lut
+from kdzoo.datamodules.skeleton import check_fraction
+from kdzoo.errors import DataError
 
 __all__ = ["GTA5"]
 
@@ -37,7 +38,7 @@ class GTA5(SegmentationDataModule):
     name = "GTA5"
     data_subdir = "gta"
     expected_files = ("images", "labels")
-    get_hint = (
+    install_hint = (
         "download the 10 image and label parts from "
         "https://download.visinf.tu-darmstadt.de/data/from_games and unpack them into "
         "DIR/images and DIR/labels (optionally write *_labelTrainIds.png with DAFormer's "
@@ -50,9 +51,9 @@ class GTA5(SegmentationDataModule):
     )
     default_class_names = CITYSCAPES_CLASSES
 
-    def __init__(self, root: str | None = None, val_fraction: float = 0.05, **kwargs: Any):
-        super().__init__(root=root, **kwargs)
-        _check("val_fraction", val_fraction, 0.0 < val_fraction < 1.0, "in (0, 1)")
+    def __init__(self, *, val_fraction: float = 0.05, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        check_fraction("val_fraction", val_fraction)
         self.val_fraction = val_fraction
         self._frames: list[SegItem] | None = None
 

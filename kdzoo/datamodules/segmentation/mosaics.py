@@ -25,15 +25,16 @@ class ``k``); elsewhere the class is 0 (background). Two domains share these lay
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any, Literal
 
 import cv2
 import numpy as np
 from PIL import Image
 
-from kdzoo.datamodules.base import DatasetNotFoundError, _check
-from kdzoo.datamodules.fashion_mnist import FashionMNIST
+from kdzoo.datamodules.fashion_mnist import FashionMNIST, find_fashion_mnist
 from kdzoo.datamodules.segmentation.base import ArrayItems, SegmentationDataModule, Size
+from kdzoo.datamodules.skeleton import check_arg, check_choice, check_count
 
 __all__ = ["FashionMNISTMosaics", "colour_masks", "make_layouts", "render"]
 
@@ -49,6 +50,7 @@ POOL_SHARES = {"val": 1 / 6, "target": 1 / 3, "train": 1 / 2}
 MOSAIC_MEAN = (0.134, 0.134, 0.134)
 MOSAIC_STD = (0.273, 0.273, 0.273)
 Domain = Literal["source", "target"]
+Unlabelled = Literal["none", "rest", "target"]
 
 
 def make_layouts(
@@ -148,9 +150,10 @@ class FashionMNISTMosaics(SegmentationDataModule):
     Train and val canvases are built from (disjoint parts of) the Fashion-MNIST training split,
     test canvases from its test split. The same arguments always give identical arrays.
 
+    ``root`` is where the Fashion-MNIST IDX files are, searched as
+    :class:`~kdzoo.datamodules.FashionMNIST` searches (e.g. the Debian package's folder).
+
     Args:
-        root: where the Fashion-MNIST IDX files are (``None``: where
-            :class:`~kdzoo.datamodules.FashionMNIST` looks, e.g. the Debian package's folder).
         canvas_size: canvas side in pixels (>= 28).
         num_train: training canvases (source domain).
         num_val: val canvases.
@@ -163,7 +166,8 @@ class FashionMNISTMosaics(SegmentationDataModule):
         mosaic_seed: seed of the generation (layouts, pools, target textures).
         items: inclusive range of items per canvas.
         crop_size: training crop; ``None`` is the canvas size.
-        Other arguments: see :class:`SegmentationDataModule`.
+        Other arguments: see :class:`SegmentationDataModule` (but ``labelled_list``: the
+            unlabelled set comes from ``unlabelled`` and ``labelled``).
     """
 
     name = "Fashion-MNIST mosaics"
@@ -174,60 +178,45 @@ class FashionMNISTMosaics(SegmentationDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
+        *,
         canvas_size: int = 64,
         num_train: int = 2000,
         num_val: int = 300,
         num_test: int = 500,
         labelled: int | None = None,
-        unlabelled: Literal["none", "rest", "target"] = "none",
+        unlabelled: Unlabelled = "none",
         eval_domain: Domain = "source",
         mosaic_seed: int = 0,
         items: tuple[int, int] = (2, 4),
         batch_size: int = 32,
         eval_batch_size: int = 64,
-        num_workers: int = 0,
         crop_size: Size | None = None,
         scale_range: tuple[float, float] = (0.75, 1.25),
-        flip: bool = True,
-        augment: bool = True,
-        eval_size: Size | None = None,
-        train_subset: int | None = None,
-        eval_subset: int | None = None,
-        future_batches: int = 0,
-        split_seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        _check("canvas_size", canvas_size, canvas_size >= 28, "an integer >= 28")
+        check_arg("canvas_size", canvas_size, canvas_size >= 28, "an integer >= 28")
         for arg, value in (("num_train", num_train), ("num_val", num_val), ("num_test", num_test)):
-            _check(arg, value, value >= 1, "an integer >= 1")
-        modes = ("none", "rest", "target")
-        _check("unlabelled", unlabelled, unlabelled in modes, "'none', 'rest' or 'target'")
-        domains = ("source", "target")
-        _check("eval_domain", eval_domain, eval_domain in domains, "'source' or 'target'")
+            check_count(arg, value)
+        # From Python, a misspelt mode or domain would silently fall through to another one.
+        check_choice("unlabelled", unlabelled, Unlabelled)
+        check_choice("eval_domain", eval_domain, Domain)
         limit = num_train - 1 if unlabelled == "rest" else num_train
         ok = labelled is None or 1 <= labelled <= limit
         accepted = f"None or in 1..{limit} (num_train={num_train}, unlabelled={unlabelled!r})"
-        _check("labelled", labelled, ok, accepted)
+        check_arg("labelled", labelled, ok, accepted)
         if unlabelled == "rest" and labelled is None:
-            _check("labelled", labelled, False, "set with unlabelled='rest' (e.g. 200)")
+            check_arg("labelled", labelled, False, "set with unlabelled='rest' (e.g. 200)")
         ok = len(items) == 2 and 1 <= items[0] <= items[1]
-        _check("items", items, ok, "(low, high) with 1 <= low <= high")
-        _check("mosaic_seed", mosaic_seed, mosaic_seed >= 0, "an integer >= 0")
+        check_arg("items", items, ok, "(low, high) with 1 <= low <= high")
+        check_count("mosaic_seed", mosaic_seed, 0)
         super().__init__(
-            root=root,
             batch_size=batch_size,
             eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
             crop_size=canvas_size if crop_size is None else crop_size,
             scale_range=scale_range,
-            flip=flip,
-            augment=augment,
-            eval_size=eval_size,
-            train_subset=train_subset,
-            eval_subset=eval_subset,
+            labelled_list=None,
             unlabelled=unlabelled != "none",
-            future_batches=future_batches,
-            split_seed=split_seed,
+            **kwargs,
         )
         self.canvas_size = canvas_size
         self.num = {"train": num_train, "val": num_val, "test": num_test, "target": num_train}
@@ -243,20 +232,12 @@ class FashionMNISTMosaics(SegmentationDataModule):
     ) -> None:
         # The unlabelled set comes from ``unlabelled``/``labelled``, not from a split file.
         if future_batches and not unlabelled:
-            _check("future_batches", future_batches, False, "0 with unlabelled='none'")
+            check_arg("future_batches", future_batches, False, "0 with unlabelled='none'")
 
     # -- data ----------------------------------------------------------------------------------
 
-    def find_root(self):
-        fmnist = FashionMNIST(root=self.root)
-        fmnist.can_download = False  # its hint would name --data.download, which we lack
-        try:
-            return fmnist.find_root()
-        except DatasetNotFoundError as e:
-            raise DatasetNotFoundError(
-                f"{e}\n{type(self).__name__} renders Fashion-MNIST items: "
-                "`python -m kdzoo.datamodules FashionMNIST --download` also fetches them."
-            ) from None
+    def find_root(self) -> Path:
+        return find_fashion_mnist(self.root, f"{type(self).__name__} renders Fashion-MNIST items")
 
     def fashion_mnist(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """``((train_images, train_labels), (test_images, test_labels))``, images (N, 28, 28)."""

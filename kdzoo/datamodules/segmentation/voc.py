@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from kdzoo.datamodules.base import DataError
 from kdzoo.datamodules.segmentation.base import SegItem, SegmentationDataModule
+from kdzoo.errors import DataError
 
 __all__ = ["VOC_CLASSES", "PascalVOC"]
 
@@ -64,7 +64,7 @@ class PascalVOC(SegmentationDataModule):
     data_subdir = "voc"
     layouts = ("", "VOC2012", "VOCdevkit/VOC2012")
     expected_files = ("JPEGImages", SPLITS)
-    get_hint = (
+    install_hint = (
         "download VOCtrainval_11-May-2012.tar from http://host.robots.ox.ac.uk/pascal/VOC/voc2012 "
         "and unpack it into DIR; for aug=True also run mmseg's "
         "tools/dataset_converters/voc_aug.py on SBD (benchmark_RELEASE)"
@@ -76,8 +76,8 @@ class PascalVOC(SegmentationDataModule):
     )
     default_class_names = VOC_CLASSES
 
-    def __init__(self, root: str | None = None, aug: bool = False, **kwargs: Any) -> None:
-        super().__init__(root=root, **kwargs)
+    def __init__(self, *, aug: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.aug = aug
 
     def load_split(self, split: str) -> list[SegItem]:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from kdzoo.validation import check_positive
+
 __all__ = ["dist_loss"]
 
 _EPS = 1e-8  # as the official code: added to the product of the two norms
@@ -57,8 +59,7 @@ def dist_loss(
         gamma: weight of the intra-class (per-class) relation term.
         temperature: softening temperature ``T > 0``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "

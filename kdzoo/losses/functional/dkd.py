@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdzoo.validation import check_positive
+
 __all__ = ["dkd_loss"]
 
 # mdistiller removes the target class from the softmax by subtracting 1000 from its scaled logit
@@ -61,8 +63,7 @@ def dkd_loss(
         beta: weight of NCKD.
         temperature: softening temperature ``T > 0``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdzoo.validation import check_at_least
+
 __all__ = ["concentration_loss", "concentration_targets"]
 
 
@@ -51,8 +53,7 @@ def concentration_targets(
         )
     if vertical_mask.dtype != torch.bool:
         raise ValueError(f"vertical_mask must be a bool tensor, got {vertical_mask.dtype}")
-    if top_k is not None and top_k < 1:
-        raise ValueError(f"top_k must be None or >= 1, got {top_k}")
+    check_at_least(1, top_k=top_k)
     keep = vertical_mask
     if top_k is not None and top_k < teacher_probs.shape[1]:
         # Rank only the classes of the vertical: everything else sorts last.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdzoo.validation import check_positive
+
 __all__ = ["kd_loss"]
 
 
@@ -33,8 +35,7 @@ def kd_loss(
             but they are not detached either: callers decide).
         temperature: softening temperature ``T > 0``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from kdzoo.losses.functional._checks import check_class_targets
+from kdzoo.validation import check_positive
 
 __all__ = ["pld_loss"]
 
@@ -74,8 +75,7 @@ def pld_loss(
             :math:`\alpha_k = 1 / C`, the paper's "PLD-ListMLE" ablation (section 5.2.2), equal to
             ListMLE of :math:`\pi^*` divided by ``C`` and independent of ``temperature``.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if weighting not in _WEIGHTINGS:
         raise ValueError(f"weighting must be one of {_WEIGHTINGS}, got {weighting!r}")
     if student_logits.shape != teacher_logits.shape:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kdzoo.validation import check_positive
+
 __all__ = ["channel_wise_distillation_loss", "pixel_kd_loss"]
 
 
@@ -102,8 +104,7 @@ def pixel_kd_loss(
 
 
 def _check_pair(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> None:
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if student.ndim != 4 or teacher.ndim != 4:
         raise ValueError(
             f"expected (N, C, H, W) logits, got student {tuple(student.shape)} and teacher "

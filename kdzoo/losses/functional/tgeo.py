@@ -14,6 +14,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from kdzoo.validation import check_positive
+
 __all__ = ["tgeo_loss", "tgeo_relations"]
 
 
@@ -100,8 +102,7 @@ def tgeo_loss(
         ratio: ``(N,)`` fusion ratios ``alpha_i`` in ``[0, 1]``.
         temperature: softening temperature ``T > 0`` of the KL term.
     """
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+    check_positive(temperature=temperature)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "

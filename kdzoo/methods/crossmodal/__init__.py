@@ -10,7 +10,7 @@ Lightning run per stage (``stage: 1|2|3``, chained through ``init_from``);
 
 from kdzoo.methods.crossmodal.base import PairedModule
 from kdzoo.methods.crossmodal.gate import GateNet
-from kdzoo.methods.crossmodal.kd import CrossModalKD
+from kdzoo.methods.crossmodal.kd import CrossModalKD, PairedTeacherSpec
 from kdzoo.methods.crossmodal.masknet import MaskNet1d, MaskNet2d, masked_layer
 from kdzoo.methods.crossmodal.mst import MSTDistill
 from kdzoo.methods.crossmodal.supervised import PairedSupervised
@@ -23,5 +23,6 @@ __all__ = [
     "MaskNet2d",
     "PairedModule",
     "PairedSupervised",
+    "PairedTeacherSpec",
     "masked_layer",
 ]

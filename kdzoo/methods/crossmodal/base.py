@@ -9,29 +9,26 @@ the cross-modal teacher and the student of "MST-Distill: Mixture of Specialized 
 Cross-Modal Knowledge Distillation" (ACM MM 2025, arXiv:2507.07015; code
 github.com/Gray-OREO/MST-Distill) and of its baselines.
 
-:class:`PairedModule` owns the evaluated network ``self.student`` (a ``"fusion"`` net or a
-unimodal net on ``"m1"``/``"m2"``), the injected optimiser and scheduler, accuracy metrics
-(``val/top1``, ``val/top5``, ``val/loss`` = the student's cross-entropy) and the weighted sum and
-logging of the named loss terms a method returns, as
-:class:`kdzoo.methods.base.ClassificationModule`.
+:class:`PairedModule` (over the root :class:`~kdzoo.methods.module.KDZooModule`, which owns
+the optimiser and the weighted loss terms) adds the evaluated network ``self.student`` (a
+``"fusion"`` net or a unimodal net on ``"m1"``/``"m2"``) and accuracy metrics (``val/top1``,
+``val/top5``, ``val/loss`` = the student's cross-entropy).
 """
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from kdzoo.errors import ConfigError
-from kdzoo.methods.base import weighted_loss
+from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.multimodal import FusionNet, UnimodalNet
 from kdzoo.models.weights import safe_torch_load
 
@@ -48,6 +45,12 @@ def modality_role(modality: int) -> str:
     if modality not in (0, 1):
         raise ConfigError(f"target_modality must be 0 (m1) or 1 (m2), got {modality!r}")
     return f"m{modality + 1}"
+
+
+def recorded_role(hparams: Mapping[str, Any]) -> str:
+    """The role of a run's evaluated network from its hyper-parameters: ``network``
+    (``PairedSupervised``) or the student's ``target_modality``."""
+    return hparams.get("network") or modality_role(int(hparams.get("target_modality", 0)))
 
 
 def load_paired_checkpoint(path: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -72,7 +75,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-class PairedModule(L.LightningModule, ABC):
+class PairedModule(KDZooModule):
     """A network trained on paired-modality batches from named, weighted loss terms.
 
     Subclasses set :attr:`student_role`, build :attr:`student` (with :meth:`build_network`),
@@ -103,8 +106,9 @@ class PairedModule(L.LightningModule, ABC):
         fusion_head_hidden: Sequence[int] | None = None,
         optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=1e-4),
         scheduler: LRSchedulerCallable | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(optimizer=optimizer, scheduler=scheduler, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if len(modality_shapes) != 2 or len(encoders) != 2:
             raise ConfigError(
@@ -112,22 +116,9 @@ class PairedModule(L.LightningModule, ABC):
                 f"shapes and {len(encoders)} encoder specs (one per modality)"
             )
         self.modality_shapes = tuple(tuple(int(s) for s in shape) for shape in modality_shapes)
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_weights: dict[str, float] = {}
         self._frozen: list[str] = []
-        self.val_metrics = self.accuracy_metrics("val/")
-        self.test_metrics = self.accuracy_metrics("test/")
-
-    def accuracy_metrics(self, prefix: str, suffix: str = "") -> MetricCollection:
-        """Top-1 and top-5 accuracy, logged as ``<prefix>top1<suffix>``, ..."""
-        num_classes = self.hparams.num_classes
-        top_k = min(5, num_classes)
-        metrics = {
-            f"top1{suffix}": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-            f"top{top_k}{suffix}": MulticlassAccuracy(num_classes, top_k=top_k, average="micro"),
-        }
-        return MetricCollection(metrics, prefix=prefix)
+        self.val_metrics = self.accuracy_metrics(num_classes, "val/")
+        self.test_metrics = self.accuracy_metrics(num_classes, "test/")
 
     # ---- networks -----------------------------------------------------------------------------
     def build_network(self, role: str) -> nn.Module:
@@ -147,7 +138,13 @@ class PairedModule(L.LightningModule, ABC):
         return {"fusion": (x_m1, x_m2), "m1": (x_m1,), "m2": (x_m2,)}[role]
 
     def freeze(self, *names: str) -> None:
-        """Stop the gradients of these sub-networks and keep them in eval mode for ever."""
+        """Stop the gradients of these sub-networks and keep them in eval mode for ever.
+
+        For networks that are *not* teachers: MST-Distill's stages back-propagate through
+        their frozen networks (to the MaskNets) and read them back from the previous stage's
+        checkpoint, so they stay differentiable and checkpointed. A frozen teacher is a
+        :class:`~kdzoo.models.teacher.Teacher` (no autograd, never checkpointed) instead.
+        """
         for name in names:
             getattr(self, name).requires_grad_(False).eval()
             self._frozen.append(name)
@@ -173,17 +170,13 @@ class PairedModule(L.LightningModule, ABC):
             )
         return batch[0], batch[1], batch[2]
 
-    # ---- training: weighted sum and logging ---------------------------------------------------
+    # ---- training ------------------------------------------------------------------------------
     @abstractmethod
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         """Unweighted scalar loss terms for one training batch, keyed by name."""
 
-    def weighted_loss(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """``sum(weight * term)``, every term logged under ``train/loss_<name>``."""
-        return weighted_loss(self, terms, batch_size)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.weighted_loss(self.loss_terms(batch), batch_size=len(batch[-1]))
+    def batch_size(self, batch: Any) -> int:
+        return len(batch[-1])
 
     # ---- evaluation -----------------------------------------------------------------------
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
@@ -212,12 +205,32 @@ class PairedModule(L.LightningModule, ABC):
         self.log_dict(metrics, prog_bar=True)
         return loss
 
-    # ---- optimisation -------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer([p for p in self.parameters() if p.requires_grad])
-        if self.scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": self.scheduler(optimizer)}
+    # ---- what drivers ask -----------------------------------------------------------------------
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        """The evaluated network of the run (``network`` or ``target_modality`` recorded)."""
+        role = recorded_role(hparams)
+        shapes = tuple(tuple(int(s) for s in shape) for shape in hparams["modality_shapes"])
+        if role == "fusion":
+            hidden = hparams.get("fusion_head_hidden") or hparams.get("head_hidden", (320, 160))
+            network = FusionNet(hparams["encoders"], shapes, hparams["num_classes"], hidden)
+        else:
+            m = int(role[1]) - 1
+            hidden = hparams.get("head_hidden", (320, 160))
+            network = UnimodalNet(hparams["encoders"][m], shapes[m], hparams["num_classes"], hidden)
+        reason = f"a kdzoo {type(network).__name__} over paired-modality inputs ({role})"
+        return Deployable(network, prefix="student.", reason=reason)
+
+    def result_names(self) -> dict[str, str]:
+        """The encoder of the modality the student sees (``name (m1)``) or ``fusion(a+b)``."""
+        return {"student": self.network_name(recorded_role(self.hparams)), "teacher": ""}
+
+    def network_name(self, role: str) -> str:
+        """``fusion(a+b)`` for the fusion net, ``name (m1)`` for a unimodal one."""
+        names = [e.get("name") or e.get("kind", "") for e in self.hparams.encoders]
+        if role == "fusion":
+            return f"fusion({'+'.join(names)})"
+        return f"{names[int(role[1]) - 1]} ({role})"
 
     # ---- loading weights ----------------------------------------------------------------------
     def architecture_mismatch(

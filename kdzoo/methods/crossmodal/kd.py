@@ -12,30 +12,49 @@ arXiv:1503.02531).
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import kd_loss
-from kdzoo.methods.base import exclude_teacher_from_checkpoints
 from kdzoo.methods.crossmodal.base import ROLES, PairedModule, load_paired_checkpoint, modality_role
 from kdzoo.models.multimodal import FusionNet, UnimodalNet
+from kdzoo.models.teacher import Teacher
+from kdzoo.models.weights import load_strictly
+from kdzoo.validation import check_fraction, check_positive
 
-__all__ = ["CrossModalKD"]
+__all__ = ["CrossModalKD", "PairedTeacherSpec"]
+
+
+@dataclass
+class PairedTeacherSpec:
+    """Where a cross-modal teacher comes from.
+
+    Attributes:
+        weights: the ``.ckpt`` of a
+            :class:`~kdzoo.methods.crossmodal.supervised.PairedSupervised` run with
+            ``network: fusion`` (KD from the multimodal teacher) or the other modality
+            (cross-modal teacher). Required (``None`` is an error); there is no ``"random"``
+            teacher here, since its architecture is read from the checkpoint.
+    """
+
+    weights: str | None = None
 
 
 class CrossModalKD(PairedModule):
     """KD into a student on ``target_modality`` from a frozen teacher that sees the other one.
 
     The teacher's architecture is read from its checkpoint, so it may differ from the student's;
-    it is frozen, in eval mode for ever, and left out of this run's checkpoints (rebuilt from
-    ``teacher_weights`` on load).
+    it is a :class:`~kdzoo.models.teacher.Teacher`: frozen, in eval mode for ever, run without
+    autograd and left out of this run's checkpoints (rebuilt from ``teacher`` on load).
 
     Args:
-        teacher_weights: ``.ckpt`` of a :class:`PairedSupervised` run with ``network: fusion``
-            (KD from the multimodal teacher) or the other modality (cross-modal teacher).
+        teacher: where the teacher comes from (:class:`PairedTeacherSpec`: the ``.ckpt`` of a
+            :class:`PairedSupervised` run); required. Formerly ``teacher_weights``.
         target_modality: the student's modality, 0 (m1) or 1 (m2).
         alpha: weight ``a`` of the KD term; the cross-entropy gets ``1 - a`` (repo: 0.5).
         temperature: ``T`` (repo: 4).
@@ -43,37 +62,48 @@ class CrossModalKD(PairedModule):
             ``modality_shapes``, optimiser and scheduler, see :class:`PairedModule`.
     """
 
+    citation = (
+        'Hinton, Vinyals, Dean. "Distilling the Knowledge in a Neural Network". arXiv:1503.02531 '
+        "(cross-modal baseline of MST-Distill, arXiv:2507.07015)"
+    )
+    description = "KD from another modality's teacher"
+    renamed_arguments: ClassVar[Mapping[str, str]] = {"teacher_weights": "teacher"}
+
     def __init__(
         self,
-        teacher_weights: str,
+        teacher: PairedTeacherSpec | None = None,
         target_modality: int = 0,
         alpha: float = 0.5,
         temperature: float = 4.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {alpha}")
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_fraction(alpha=alpha)
+        check_positive(temperature=temperature)
         self.student_role = modality_role(target_modality)
         self.student = self.build_network(self.student_role)
-        self.teacher_role, self.teacher = self._load_teacher(teacher_weights)
-        self.freeze("teacher")
-        exclude_teacher_from_checkpoints(self)
+        spec = PairedTeacherSpec(**teacher) if isinstance(teacher, Mapping) else teacher
+        spec = spec or PairedTeacherSpec()
+        # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back.
+        self.hparams.teacher = asdict(spec)
+        self.teacher_role, self.teacher = self._build_teacher(spec.weights)
         self.loss_weights = {"ce": 1.0 - alpha, "kd": alpha}
 
-    def _load_teacher(self, path: str | None) -> tuple[str, FusionNet | UnimodalNet]:
+    def result_names(self) -> dict[str, str]:
+        return {**super().result_names(), "teacher": self.network_name(self.teacher_role)}
+
+    def _build_teacher(self, path: str | None) -> tuple[str, Teacher]:
+        """The role of the teacher in ``path`` and the frozen teacher, its weights loaded."""
         if not path:  # the architecture comes from the checkpoint: no random teacher exists
             raise ConfigError(
-                "CrossModalKD has no teacher: set --model.init_args.teacher_weights to the .ckpt "
+                "CrossModalKD has no teacher: set --model.init_args.teacher.weights to the .ckpt "
                 "of a PairedSupervised run (the fusion or the other modality's network)"
             )
-        recorded, state = load_paired_checkpoint(path, "teacher_weights")
+        recorded, state = load_paired_checkpoint(path, "teacher.weights")
         role = recorded.get("network")
         if role not in ROLES or "encoders" not in recorded:
             raise ConfigError(
-                f"teacher_weights={path!r} is not a PairedSupervised checkpoint (no 'network' "
+                f"teacher.weights={path!r} is not a PairedSupervised checkpoint (no 'network' "
                 "hyper-parameter): train the teacher with --model PairedSupervised"
             )
         if role == self.student_role:
@@ -96,25 +126,29 @@ class CrossModalKD(PairedModule):
             fusion_hidden = recorded.get("fusion_head_hidden")
             if fusion_hidden is None:
                 fusion_hidden = hidden
-            teacher = FusionNet(
+            network = FusionNet(
                 recorded["encoders"], shapes, recorded["num_classes"], fusion_hidden
             )
         else:
             m = used[0]
-            teacher = UnimodalNet(
+            network = UnimodalNet(
                 recorded["encoders"][m], shapes[m], recorded["num_classes"], hidden
             )
         prefix = "student."
-        teacher.load_state_dict(
-            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        load_strictly(
+            network,
+            {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)},
+            what=f"teacher weights {path}",
+            into=f"the {role} network its hyper-parameters describe",
+            hint="Was it saved by a PairedSupervised run?",
         )
-        return role, teacher
+        # No re-normalisation: the teacher takes the same (paired) inputs as the data gives.
+        return role, Teacher(network)
 
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
         x_m1, x_m2, target = self.split_batch(batch)
         student_logits = self.student(*self.inputs(self.student_role, x_m1, x_m2))
-        with torch.no_grad():
-            teacher_logits = self.teacher(*self.inputs(self.teacher_role, x_m1, x_m2))
+        teacher_logits = self.teacher(*self.inputs(self.teacher_role, x_m1, x_m2))  # no autograd
         t = self.hparams.temperature
         return {
             "ce": F.cross_entropy(student_logits.float(), target),

@@ -14,9 +14,9 @@ through checkpoints (``init_from``):
    MaskNet, with its own Adam (manual optimisation), pulls its masked teacher towards the student,
    ``T^2 KL(p_S || p_mask)``. Model selection: lowest ``val/mask_loss`` (mean over MaskNets).
 3. **Routed distillation**: ``T``, ``A`` and the MaskNets frozen; the student (from stage 1) and a
-   GateNet on its logits train on ``w_task CE + w_kl L_route + w_lb L_lb`` (top-k routed KD,
-   load balancing); after each epoch ``e``, ``w_lb *= 0.9`` if ``e % 10 == 0`` and
-   ``w_kl *= 0.5`` if ``e % 30 == 0``. Model selection: lowest ``val/ce`` of the student.
+   GateNet on its logits train on ``task_weight CE + kl_weight L_route + lb_weight L_lb`` (top-k
+   routed KD, load balancing); after each epoch ``e``, ``lb_weight *= 0.9`` if ``e % 10 == 0``
+   and ``kl_weight *= 0.5`` if ``e % 30 == 0``. Model selection: lowest ``val/ce`` of the student.
 
 The deployed student is ``student.*`` of any stage's checkpoint (a
 :class:`~kdzoo.models.multimodal.UnimodalNet`); ``val/top1`` is always the student's, stage 1
@@ -31,8 +31,8 @@ variant; it needs ``top_k >= 2``, since a single renormalised weight is constant
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import Any, Literal
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +53,7 @@ from kdzoo.methods.crossmodal.masknet import (
     layer_output_shape,
     masked_layer,
 )
+from kdzoo.validation import check_at_least, check_positive
 
 __all__ = ["MSTDistill"]
 
@@ -81,19 +82,30 @@ class MSTDistill(PairedModule):
         top_k: experts each sample is distilled from, ``1 <= k <= E`` (repo: 1).
         lb_mode: load balancing ``"KL"`` (repo default) or ``"CV"``.
         routing: ``"code"`` (repo) or ``"gate_weighted"`` (see the module docstring).
-        w_task: weight of the student's cross-entropy in stage 3.
-        w_kl: initial weight of the routed KD in stage 3.
-        w_lb: initial weight of the load-balancing loss in stage 3.
-        lb_decay: ``w_lb`` is multiplied by this after every epoch ``e`` with
+        task_weight: weight of the student's cross-entropy in stage 3.
+        kl_weight: initial weight of the routed KD in stage 3.
+        lb_weight: initial weight of the load-balancing loss in stage 3.
+        lb_decay: ``lb_weight`` is multiplied by this after every epoch ``e`` with
             ``e % lb_decay_every == 0`` (repo: 0.9 every 10; 1 disables it).
         lb_decay_every: see ``lb_decay``.
-        kl_decay: as ``lb_decay``, for ``w_kl`` (repo: 0.5 every 30).
+        kl_decay: as ``lb_decay``, for ``kl_weight`` (repo: 0.5 every 30).
         kl_decay_every: see ``kl_decay``.
         temperature: ``T`` of every KL (repo: 4).
         **kwargs: architecture (``encoders``, ``head_hidden``, ``fusion_head_hidden``),
             ``num_classes``, ``modality_shapes``, optimiser (Adam, lr 1e-4) and scheduler (stages
             1 and 3), see :class:`~kdzoo.methods.crossmodal.base.PairedModule`.
     """
+
+    citation = (
+        '"MST-Distill: Mixture of Specialized Teachers for Cross-Modal Knowledge Distillation". '
+        "ACM MM 2025, arXiv:2507.07015"
+    )
+    description = "mixture of specialised cross-modal teachers"
+    renamed_arguments: ClassVar[Mapping[str, str]] = {
+        "w_task": "task_weight",
+        "w_kl": "kl_weight",
+        "w_lb": "lb_weight",
+    }
 
     def __init__(
         self,
@@ -107,9 +119,9 @@ class MSTDistill(PairedModule):
         top_k: int = 1,
         lb_mode: Literal["KL", "CV"] = "KL",
         routing: Literal["code", "gate_weighted"] = "code",
-        w_task: float = 1.0,
-        w_kl: float = 1.0,
-        w_lb: float = 1.0,
+        task_weight: float = 1.0,
+        kl_weight: float = 1.0,
+        lb_weight: float = 1.0,
         lb_decay: float = 0.9,
         lb_decay_every: int = 10,
         kl_decay: float = 0.5,
@@ -122,6 +134,11 @@ class MSTDistill(PairedModule):
         if stage == 2 and self.scheduler is not None:
             raise ConfigError("stage 2 trains one optimiser per MaskNet and takes no scheduler")
         self.stage = stage
+        self.optimizer_per_group = stage == 2
+        # Model selection of the official code: none in stage 1 (the last state), the lowest
+        # mean mask loss in stage 2, the student's lowest validation CE in stage 3.
+        self.checkpoint_metric = {1: None, 2: "val/mask_loss", 3: "val/ce"}[stage]
+        self.checkpoint_mode = "min"
         self.student_role = modality_role(target_modality)
         self.other_role = modality_role(1 - target_modality)
         self.mm_teacher = self.build_network("fusion")
@@ -140,10 +157,10 @@ class MSTDistill(PairedModule):
         if stage == 1:
             self.loss_weights = {"mm": 1.0, "cm": 1.0, "student": 1.0}
             # The teachers' accuracies: val/top1_mm, val/top1_cm, test/top1_mm, ...
-            self.val_mm = self.accuracy_metrics("val/", "_mm")
-            self.val_cm = self.accuracy_metrics("val/", "_cm")
-            self.test_mm = self.accuracy_metrics("test/", "_mm")
-            self.test_cm = self.accuracy_metrics("test/", "_cm")
+            self.val_mm = self.accuracy_metrics(self.hparams.num_classes, "val/", "_mm")
+            self.val_cm = self.accuracy_metrics(self.hparams.num_classes, "val/", "_cm")
+            self.test_mm = self.accuracy_metrics(self.hparams.num_classes, "test/", "_mm")
+            self.test_cm = self.accuracy_metrics(self.hparams.num_classes, "test/", "_cm")
         elif stage == 2:
             self.freeze("mm_teacher", "cm_teacher", "student")
             self.automatic_optimization = False
@@ -196,9 +213,9 @@ class MSTDistill(PairedModule):
         (``ceil(epoch / every)`` times), computed from the epoch so a resumed run agrees."""
         hp = self.hparams
         return {
-            "ce": hp.w_task,
-            "route": hp.w_kl * hp.kl_decay ** math.ceil(epoch / hp.kl_decay_every),
-            "lb": hp.w_lb * hp.lb_decay ** math.ceil(epoch / hp.lb_decay_every),
+            "ce": hp.task_weight,
+            "route": hp.kl_weight * hp.kl_decay ** math.ceil(epoch / hp.kl_decay_every),
+            "lb": hp.lb_weight * hp.lb_decay ** math.ceil(epoch / hp.lb_decay_every),
         }
 
     def on_train_epoch_start(self) -> None:
@@ -295,15 +312,13 @@ class MSTDistill(PairedModule):
         return loss
 
     # ---- optimisation -------------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
+    def parameter_groups(self) -> list[Any]:
         if self.stage == 2:  # one optimiser per MaskNet (the repo's optimizers_MN*_s2)
-            return [self.optimizer(masknet.parameters()) for masknet in self.masknets]
-        return super().configure_optimizers()
+            return [{"params": masknet.parameters()} for masknet in self.masknets]
+        return super().parameter_groups()
 
 
 def _check_arguments(hp: Any) -> None:
-    if hp.stage not in (1, 2, 3):
-        raise ConfigError(f"stage must be 1, 2 or 3, got {hp.stage!r}")
     if hp.stage == 1 and hp.init_from is not None:
         raise ConfigError("stage 1 trains all three networks from scratch: remove init_from")
     if hp.stage > 1 and hp.init_from is None:
@@ -319,16 +334,10 @@ def _check_arguments(hp: Any) -> None:
             f"top_k={hp.top_k} must be between 1 and the number of experts, {num_experts} "
             f"(len(mm_layers) + len(cm_layers)): lower top_k or hook more layers"
         )
-    if hp.lb_mode not in ("KL", "CV"):
-        raise ConfigError(f"lb_mode must be 'KL' or 'CV', got {hp.lb_mode!r}")
-    if hp.routing not in ("code", "gate_weighted"):
-        raise ConfigError(f"routing must be 'code' or 'gate_weighted', got {hp.routing!r}")
     if hp.routing == "gate_weighted" and hp.top_k < 2:
         raise ConfigError(
             "routing='gate_weighted' needs top_k >= 2: with one selected expert its renormalised "
             "gate weight is always 1, so the router would get no gradient from the KD loss"
         )
-    if hp.temperature <= 0:
-        raise ConfigError(f"temperature must be > 0, got {hp.temperature}")
-    if hp.lb_decay_every < 1 or hp.kl_decay_every < 1:
-        raise ConfigError("lb_decay_every and kl_decay_every must be >= 1 (epochs)")
+    check_positive(temperature=hp.temperature)
+    check_at_least(1, lb_decay_every=hp.lb_decay_every, kl_decay_every=hp.kl_decay_every)

@@ -14,8 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from kdzoo.errors import ConfigError
-from kdzoo.methods.crossmodal.base import ROLES, PairedModule
+from kdzoo.methods.crossmodal.base import PairedModule
 
 __all__ = ["PairedSupervised"]
 
@@ -32,9 +31,9 @@ class PairedSupervised(PairedModule):
             :class:`~kdzoo.methods.crossmodal.base.PairedModule`.
     """
 
+    description = "supervised paired-modality training (teachers, baselines)"
+
     def __init__(self, network: Literal["fusion", "m1", "m2"] = "fusion", **kwargs: Any) -> None:
-        if network not in ROLES:
-            raise ConfigError(f"network must be one of {ROLES}, got {network!r}")
         super().__init__(**kwargs)
         self.student_role = network
         self.student = self.build_network(network)

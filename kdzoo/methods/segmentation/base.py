@@ -1,11 +1,11 @@
 """The contract every kdzoo segmentation method builds on.
 
-:class:`SegmentationModule` owns the student (a
+:class:`SegmentationModule` (over the root :class:`~kdzoo.methods.module.KDZooModule`, which owns
+the optimiser and the weighted loss terms) adds the student (a
 :class:`~kdzoo.models.segmentation.SegmentationModel`: a timm ``features_only`` backbone with an
-FCN / DeepLabV3 / PSP / FPN head and an auxiliary FCN head), the injected optimiser and scheduler
-(with a learning-rate multiplier for the heads, as both CIRKD/LAD and FST use), the weighted sum
-and logging of named loss terms, and the evaluation: mean IoU and pixel accuracy over a confusion
-matrix (torchmetrics, synchronised across DDP ranks), ignore index 255, logits upsampled
+FCN / DeepLabV3 / PSP / FPN head and an auxiliary FCN head), a learning-rate multiplier for the
+heads (as both CIRKD/LAD and FST use), and the evaluation: mean IoU and pixel accuracy over a
+confusion matrix (torchmetrics, synchronised across DDP ranks), ignore index 255, logits upsampled
 bilinearly to the label size. Batches are ``(images, masks)``; semi-supervised and
 domain-adaptation methods get ``{"labelled": ..., "unlabelled": ...}``.
 
@@ -16,23 +16,23 @@ the kdzoo run that trained it.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 
 from kdzoo.errors import ConfigError
-from kdzoo.methods.base import weighted_loss
+from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.metrics import MeanIoU, PixelAccuracy
 from kdzoo.models.segmentation import SegmentationModel, SegmentationOutput
 from kdzoo.models.teacher import RANDOM_INIT, Teacher, resolve_weights
-from kdzoo.models.weights import WeightsError, load_backbone_state
+from kdzoo.models.weights import load_backbone_state, load_strictly
+from kdzoo.validation import check_positive
 
 __all__ = [
     "SegTeacherSpec",
@@ -83,7 +83,7 @@ def segmentation_architecture(hparams: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-class SegmentationModule(L.LightningModule, ABC):
+class SegmentationModule(KDZooModule):
     """A segmentation student trained from named, weighted loss terms; evaluated by mIoU.
 
     Subclasses implement :meth:`loss_terms` and set :attr:`loss_weights`. ``num_classes``,
@@ -116,6 +116,8 @@ class SegmentationModule(L.LightningModule, ABC):
             ``"epoch"``.
     """
 
+    checkpoint_metric = "val/miou"
+
     def __init__(
         self,
         student: str,
@@ -138,26 +140,18 @@ class SegmentationModule(L.LightningModule, ABC):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         scheduler_interval: Literal["step", "epoch"] = "step",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(mean=mean, std=std, optimizer=optimizer, scheduler=scheduler, **kwargs)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        if scheduler_interval not in ("step", "epoch"):
-            raise ConfigError(
-                f"scheduler_interval must be 'step' or 'epoch', got {scheduler_interval!r}"
-            )
-        if head_lr_mult <= 0:
-            raise ConfigError(f"head_lr_mult must be > 0, got {head_lr_mult}")
-        self.mean = tuple(mean) if mean is not None else None
-        self.std = tuple(std) if std is not None else None
+        check_positive(head_lr_mult=head_lr_mult)
+        self.scheduler_interval = scheduler_interval
         self.ignore_index = ignore_index
         architecture = segmentation_architecture(self.hparams)
         self.student = SegmentationModel(**architecture, pretrained=student_pretrained)
         if init_weights is not None:
             path, _ = resolve_weights(init_weights)
             _load_segmentation_weights(self.student, path, architecture, role="init_weights")
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_weights: dict[str, float] = {}
         metrics = MetricCollection(
             {
                 "miou": MeanIoU(num_classes, ignore_index=ignore_index),
@@ -178,14 +172,6 @@ class SegmentationModule(L.LightningModule, ABC):
         ce, aux = segmentation_loss(output, masks, self.ignore_index)
         terms = {"ce": ce} if aux is None else {"ce": ce, "aux": aux}
         return {"terms": terms, "output": output}
-
-    # ---- training: weighted sum and logging, written once ------------------------------------
-    def weighted_loss(self, terms: Mapping[str, torch.Tensor], batch_size: int) -> torch.Tensor:
-        """``sum(weight * term)``, every term logged under ``train/loss_<name>``."""
-        return weighted_loss(self, terms, batch_size)
-
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        return self.weighted_loss(self.loss_terms(batch), batch_size=_batch_size(batch))
 
     # ---- evaluation -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,13 +233,15 @@ class SegmentationModule(L.LightningModule, ABC):
         base_lr = self.optimizer([torch.nn.Parameter(torch.zeros(1))]).defaults["lr"]
         return [{"params": backbone}, {"params": heads, "lr": base_lr * mult}]
 
-    def configure_optimizers(self) -> Any:
-        optimizer = self.optimizer(self.parameter_groups())
-        if self.scheduler is None:
-            return optimizer
-        interval = self.hparams.scheduler_interval
-        scheduler = {"scheduler": self.scheduler(optimizer), "interval": interval}
-        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+    # ---- what drivers ask -----------------------------------------------------------------------
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        network = SegmentationModel(**segmentation_architecture(hparams))
+        reason = "a segmentation network (timm backbone + kdzoo head), not a timm classifier"
+        return Deployable(network, prefix="student.", reason=reason)
+
+    def result_names(self) -> dict[str, str]:
+        return {"student": f"{self.hparams.student}/{self.hparams.head}", "teacher": ""}
 
 
 @dataclass
@@ -333,27 +321,10 @@ def build_seg_teacher(
 def _load_segmentation_weights(
     network: SegmentationModel, path: str, architecture: Mapping[str, Any], role: str = "teacher"
 ) -> None:
-    state = load_backbone_state(path)
-    expected = network.state_dict()
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
-        for k, v in state.items()
-        if k in expected and v.shape != expected[k].shape
-    ]
-    missing = [k for k in expected if k not in state]
-    unexpected = [k for k in state if k not in expected]
-    if mismatched or missing or unexpected:
-        raise WeightsError(
-            f"{role} {path} does not fit the segmentation network "
-            f"({architecture['backbone']} + {architecture['head']}): mismatched {mismatched[:3]}, "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected "
-            f"(e.g. {unexpected[:3]}). Was it trained with this architecture?"
-        )
-    network.load_state_dict(state)
-
-
-def _batch_size(batch: Any) -> int | None:
-    if isinstance(batch, Mapping):
-        batch = batch.get("labelled", next(iter(batch.values())))
-    first = batch[0] if isinstance(batch, Sequence) else batch
-    return len(first) if torch.is_tensor(first) else None
+    load_strictly(
+        network,
+        load_backbone_state(path),
+        what=f"{role} weights {path}",
+        into=f"the segmentation network ({architecture['backbone']} + {architecture['head']})",
+        hint="Was it trained with this architecture?",
+    )

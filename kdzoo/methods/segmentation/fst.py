@@ -49,6 +49,7 @@ from torch import nn
 from kdzoo.errors import ConfigError
 from kdzoo.methods.segmentation.base import SegmentationModule, upsample
 from kdzoo.models.segmentation import SegmentationModel
+from kdzoo.validation import check_fraction
 
 __all__ = ["FST"]
 
@@ -75,6 +76,12 @@ class FST(SegmentationModule):
         **kwargs: see :class:`~kdzoo.methods.segmentation.base.SegmentationModule`.
     """
 
+    citation = (
+        'Du et al. "Learning from Future: A Novel Self-Training Framework for Semantic '
+        'Segmentation". NeurIPS 2022, arXiv:2209.06993'
+    )
+    description = "learning-from-future self-training"
+
     def __init__(
         self,
         mode: Literal["deep", "wide"] = "deep",
@@ -89,7 +96,7 @@ class FST(SegmentationModule):
         evaluate: Literal["student", "teacher"] = "student",
         **kwargs: Any,
     ) -> None:
-        _check_arguments(mode, k_steps, ema_momentum, threshold, pseudo_label, evaluate)
+        _check_arguments(mode, k_steps, ema_momentum, threshold)
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -221,24 +228,13 @@ class FST(SegmentationModule):
             self.optimizers().optimizer.load_state_dict(copy.deepcopy(snapshot["optimizer"]))
 
 
-def _check_arguments(
-    mode: str, k_steps: int, momentum: float, threshold: float, pseudo_label: str, evaluate: str
-) -> None:
-    if mode not in ("deep", "wide"):
-        raise ConfigError(f"mode must be 'deep' or 'wide', got {mode!r}")
+def _check_arguments(mode: str, k_steps: int, momentum: float, threshold: float) -> None:
     if k_steps < 0 or (mode == "wide" and k_steps < 1):
         raise ConfigError(
             f"k_steps must be >= 0 (>= 1 for mode 'wide'), got {k_steps}; "
             "k_steps: 0 with mode 'deep' is the plain mean teacher"
         )
-    if not 0.0 <= momentum <= 1.0:
-        raise ConfigError(f"ema_momentum must be in [0, 1], got {momentum}")
-    if not 0.0 <= threshold <= 1.0:
-        raise ConfigError(f"threshold must be in [0, 1], got {threshold}")
-    if pseudo_label not in ("quality", "threshold"):
-        raise ConfigError(f"pseudo_label must be 'quality' or 'threshold', got {pseudo_label!r}")
-    if evaluate not in ("student", "teacher"):
-        raise ConfigError(f"evaluate must be 'student' or 'teacher', got {evaluate!r}")
+    check_fraction(ema_momentum=momentum, threshold=threshold)
 
 
 def _semi_supervised_batch(batch: Any, mode: str, k_steps: int) -> Mapping[str, Any]:

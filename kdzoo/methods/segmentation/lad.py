@@ -45,6 +45,7 @@ from kdzoo.methods.segmentation.base import (
 )
 from kdzoo.methods.segmentation.supervised import labelled_batch
 from kdzoo.metrics import MeanIoU
+from kdzoo.validation import check_non_negative, check_positive
 
 __all__ = ["LADTeacher", "encode_labels", "label_input"]
 
@@ -127,6 +128,12 @@ class LADTeacher(SegmentationModule):
             (``aux_weight`` 0.4 as the code's teacher branch).
     """
 
+    citation = (
+        'Qiu et al. "Make a Strong Teacher with Label Assistance: A Novel Knowledge Distillation '
+        'Approach for Semantic Segmentation". ECCV 2024, arXiv:2407.13254'
+    )
+    description = "label-assisted segmentation teacher"
+
     def __init__(
         self,
         label_scale: float = 1.7,
@@ -142,13 +149,8 @@ class LADTeacher(SegmentationModule):
             raise ConfigError(
                 f"LADTeacher takes one label channel, got extra_in_chans={extra_in_chans}"
             )
-        if eval_label not in ("fixed", "random", "none"):
-            raise ConfigError(f"eval_label must be 'fixed', 'random' or 'none', got {eval_label!r}")
-        for name, value in (("train_sigma", train_sigma), ("eval_sigma", eval_sigma)):
-            if value < 0:
-                raise ConfigError(f"{name} must be >= 0, got {value}")
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_non_negative(train_sigma=train_sigma, eval_sigma=eval_sigma)
+        check_positive(temperature=temperature)
         super().__init__(extra_in_chans=extra_in_chans, **kwargs)
         self.loss_weights = {
             "ce": 1.0,

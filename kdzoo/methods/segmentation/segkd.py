@@ -30,7 +30,6 @@ import torch
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import channel_wise_distillation_loss, pixel_kd_loss
-from kdzoo.methods.base import exclude_teacher_from_checkpoints
 from kdzoo.methods.segmentation.base import (
     SegmentationModule,
     SegTeacherSpec,
@@ -39,6 +38,7 @@ from kdzoo.methods.segmentation.base import (
 )
 from kdzoo.methods.segmentation.lad import label_input
 from kdzoo.methods.segmentation.supervised import labelled_batch
+from kdzoo.validation import check_positive
 
 __all__ = ["SegKD"]
 
@@ -56,6 +56,12 @@ class SegKD(SegmentationModule):
         **kwargs: see :class:`~kdzoo.methods.segmentation.base.SegmentationModule`.
     """
 
+    citation = (
+        'Shu, Liu, Gao, Yan, Shen. "Channel-wise Knowledge Distillation for Dense Prediction". '
+        "ICCV 2021, arXiv:2011.13256"
+    )
+    description = "segmentation KD (CWD or pixel KD)"
+
     def __init__(
         self,
         teacher: SegTeacherSpec,
@@ -65,10 +71,7 @@ class SegKD(SegmentationModule):
         teacher_label_sigma: float = 0.02,
         **kwargs: Any,
     ) -> None:
-        if kd_loss not in ("cwd", "pixel_kd"):
-            raise ConfigError(f"kd_loss must be 'cwd' or 'pixel_kd', got {kd_loss!r}")
-        if temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {temperature}")
+        check_positive(temperature=temperature)
         super().__init__(**kwargs)
         if isinstance(teacher, Mapping):
             teacher = SegTeacherSpec(**teacher)
@@ -85,13 +88,19 @@ class SegKD(SegmentationModule):
             student_mean=self.mean,
             student_std=self.std,
         )
-        exclude_teacher_from_checkpoints(self)
         # The resolved architecture, so the run's config and checkpoint say what the teacher was.
         self.hparams.teacher["architecture"] = architecture
         self.teacher_label_channels = self.teacher.backbone.extra_in_chans
         # The label scale the teacher was trained with (LADTeacher records it).
         self.teacher_label_scale = float(recorded.get("label_scale", 1.7))
         self.loss_weights = {"ce": 1.0, "aux": self.hparams.aux_weight, "kd": kd_weight}
+
+    def result_names(self) -> dict[str, str]:
+        teacher = self.hparams.teacher["architecture"]
+        label = "+label" if teacher.get("extra_in_chans") else ""
+        names = super().result_names()
+        head = teacher.get("head", "deeplabv3")  # SegmentationModel's default
+        return {**names, "teacher": f"{teacher['backbone']}/{head}{label}"}
 
     def teacher_logits(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """The frozen teacher's logits; a label-assisted teacher also sees the encoded masks."""

@@ -26,6 +26,8 @@ class SegSupervised(SegmentationModule):
         **kwargs: see :class:`~kdzoo.methods.segmentation.base.SegmentationModule`.
     """
 
+    description = "supervised segmentation (teachers, baselines)"
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.loss_weights = {"ce": 1.0, "aux": self.hparams.aux_weight}

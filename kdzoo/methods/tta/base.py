@@ -27,27 +27,25 @@ from __future__ import annotations
 
 import copy
 import csv
-import warnings
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
-import lightning as L
+import timm
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 from torch.utils.data import DistributedSampler
 
 from kdzoo.errors import ConfigError
+from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.backbone import Backbone, BackboneOutput
 from kdzoo.models.teacher import RANDOM_INIT, TeacherSpec, build_teacher_backbone
 from kdzoo.models.weights import WeightsError
 
 __all__ = ["TTAModule", "ema_update", "use_batch_statistics"]
-
-warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", module="lightning")
 
 
 def use_batch_statistics(model: nn.Module) -> nn.Module:
@@ -73,7 +71,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, momentum: float) -> None:
         param.mul_(momentum).add_(student_params[name].detach(), alpha=1.0 - momentum)
 
 
-class TTAModule(L.LightningModule, ABC):
+class TTAModule(KDZooModule):
     """A source classifier adapted online to a test stream; see the module docstring.
 
     Args:
@@ -92,6 +90,8 @@ class TTAModule(L.LightningModule, ABC):
 
     #: ``kdzoo test`` adapts the source model named in the config: no checkpoint is needed.
     evaluates_without_checkpoint = True
+    checkpoint_metric = "test/mean_error"
+    checkpoint_mode = "min"
 
     def __init__(
         self,
@@ -103,18 +103,13 @@ class TTAModule(L.LightningModule, ABC):
         optimizer: OptimizerCallable = lambda params: torch.optim.Adam(params, lr=1e-3),
         reset: Literal["never", "each_shift"] = "never",
         batch_norm: Literal["batch", "source"] = "batch",
+        **kwargs: Any,
     ) -> None:
-        super().__init__()
+        super().__init__(mean=mean, std=std, **kwargs)
         if isinstance(source, Mapping):  # as stored in a checkpoint's hyper-parameters
             source = TeacherSpec(**source)
-        if reset not in ("never", "each_shift"):
-            raise ConfigError(f"reset must be 'never' or 'each_shift', got {reset!r}")
-        if batch_norm not in ("batch", "source"):
-            raise ConfigError(f"batch_norm must be 'batch' or 'source', got {batch_norm!r}")
         self.save_hyperparameters(ignore=["optimizer"])
         self.hparams.source = asdict(source)
-        self.mean = tuple(mean) if mean is not None else None
-        self.std = tuple(std) if std is not None else None
         self.model = self._build_source(source, num_classes, in_chans)
         if batch_norm == "batch":
             use_batch_statistics(self.model)
@@ -283,6 +278,22 @@ class TTAModule(L.LightningModule, ABC):
     def configure_optimizers(self) -> None:
         # Built in on_test_start: TTA never runs `fit`.
         return None
+
+    # ---- what drivers ask -----------------------------------------------------------------------
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        """The source model (a plain timm model; the adapted state lives only in the run)."""
+        source = hparams["source"]
+        model_args = {
+            "in_chans": int(hparams.get("in_chans") or 3),
+            **dict(source.get("model_kwargs") or {}),
+        }
+        num_classes = int(hparams["num_classes"])
+        network = timm.create_model(source["name"], num_classes=num_classes, **model_args)
+        return Deployable(network, "model.model.", source["name"], model_args)
+
+    def result_names(self) -> dict[str, str]:
+        return {"student": self.hparams.source["name"], "teacher": ""}
 
 
 def _severity(name: Any) -> str | None:

@@ -23,5 +23,11 @@ class BNAdapt(Source):
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    citation = (
+        'Schneider et al. "Improving robustness against common corruptions by covariate shift '
+        'adaptation". NeurIPS 2020, arXiv:2006.16971'
+    )
+    description = "test-batch BatchNorm statistics"
+
     def __init__(self, batch_norm: Literal["batch", "source"] = "batch", **kwargs: Any) -> None:
         super().__init__(batch_norm=batch_norm, **kwargs)

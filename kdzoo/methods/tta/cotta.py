@@ -21,16 +21,14 @@ from typing import Any
 
 import torch
 
-from kdzoo.errors import ConfigError
 from kdzoo.methods.tta.augment import cotta_augment, device_generator, from_unit, to_unit
 from kdzoo.methods.tta.base import TTAModule, ema_update
 from kdzoo.methods.tta.mean_teacher import (
     SelfTrainingLoss,
-    check_loss,
-    check_momentum,
     frozen_copy,
     self_training_loss,
 )
+from kdzoo.validation import check_at_least, check_fraction
 
 __all__ = ["CoTTA"]
 
@@ -70,6 +68,12 @@ class CoTTA(TTAModule):
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    citation = (
+        'Wang, Fink, Van Gool, Dai. "Continual Test-Time Domain Adaptation". CVPR 2022, '
+        "arXiv:2203.13591"
+    )
+    description = "continual TTA with augmentation averaging and stochastic restore"
+
     def __init__(
         self,
         ap: float = 0.92,
@@ -81,12 +85,9 @@ class CoTTA(TTAModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if not 0.0 <= rst <= 1.0:
-            raise ConfigError(f"rst must be a probability in [0, 1], got {rst}")
-        if num_aug < 1:
-            raise ConfigError(f"num_aug must be >= 1, got {num_aug}")
-        check_momentum(momentum)
-        check_loss(loss)
+        check_fraction(rst=rst)
+        check_at_least(1, num_aug=num_aug)
+        check_fraction(momentum=momentum)
         self.ap = ap
         self.rst = rst
         self.momentum = momentum

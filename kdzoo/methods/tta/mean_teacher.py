@@ -18,9 +18,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kdzoo.errors import ConfigError
 from kdzoo.losses.functional import soft_cross_entropy, symmetric_cross_entropy
 from kdzoo.methods.tta.base import TTAModule, ema_update
+from kdzoo.validation import check_fraction
 
 __all__ = ["MeanTeacher", "frozen_copy", "self_training_loss"]
 
@@ -45,16 +45,6 @@ def self_training_loss(
     return symmetric_cross_entropy(student_logits, teacher_logits)
 
 
-def check_loss(kind: str) -> None:
-    if kind not in ("ce", "sce"):
-        raise ConfigError(f"loss must be 'ce' or 'sce', got {kind!r}")
-
-
-def check_momentum(momentum: float) -> None:
-    if not 0.0 <= momentum <= 1.0:
-        raise ConfigError(f"momentum must be in [0, 1], got {momentum}")
-
-
 class MeanTeacher(TTAModule):
     """Student (all parameters trained) and EMA teacher, both starting from the source model.
 
@@ -69,10 +59,11 @@ class MeanTeacher(TTAModule):
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    description = "mean-teacher test-time adaptation baseline"
+
     def __init__(self, momentum: float = 0.999, loss: SelfTrainingLoss = "ce", **kwargs: Any):
         super().__init__(**kwargs)
-        check_momentum(momentum)
-        check_loss(loss)
+        check_fraction(momentum=momentum)
         self.momentum = momentum
         self.loss_kind = loss
         self.teacher = frozen_copy(self.model)

@@ -42,24 +42,26 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.sce import symmetric_cross_entropy
-from kdzoo.methods.training_pass import weights_hash
+from kdzoo.methods.statistics import (
+    cache_file,
+    compute_once,
+    default_source_batch_size,
+    source_datamodule,
+    source_loader,
+    table_key,
+)
 from kdzoo.methods.tta.augment import cotta_augment, from_unit, to_unit
 from kdzoo.methods.tta.base import TTAModule, ema_update
-from kdzoo.methods.tta.source_data import (
-    build_source_datamodule,
-    build_source_loader,
-    cached,
-    check_source_data,
-    default_source_batch_size,
-    source_data_key,
-)
+from kdzoo.validation import check_at_least, check_fraction, check_non_negative
 
 __all__ = ["PSMT", "global_quantile"]
 
@@ -71,8 +73,7 @@ def global_quantile(values: torch.Tensor, q: float) -> torch.Tensor:
     Uses two ``kthvalue`` selections instead of ``torch.quantile``, which refuses inputs of more
     than 2^24 entries (WRN-28-10 and ResNet-50 have more parameters).
     """
-    if not 0.0 <= q <= 1.0:
-        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    check_fraction(quantile=q)
     flat = values.reshape(-1)
     if flat.numel() == 0:
         raise ValueError("the quantile of an empty tensor is undefined")
@@ -93,7 +94,7 @@ class PSMT(TTAModule):
     """Parameter-selective mean teacher; see the module docstring.
 
     Args:
-        lambda_fisher: weight ``lambda_F`` of the Fisher-weighted penalty (code: 500).
+        fisher_weight: weight ``lambda_F`` of the Fisher-weighted penalty (code: 500).
         quantile: ``q`` of the squared-gradient threshold (code: 0.03).
         fisher_samples: source images for the source Fisher (code: 10,000).
         momentum: teacher EMA momentum ``m`` (>= 1 freezes the teacher's EMA, as the code).
@@ -105,18 +106,26 @@ class PSMT(TTAModule):
             (``theta_{t-1}``, ``F_{t-1}``).
         student_view: ``"clean"`` (code) or ``"augmented"`` (second SCE term on an augmented
             batch).
-        source_data: the source training data as a datamodule spec (see
-            :mod:`kdzoo.methods.tta.source_data`); needed for the source Fisher
-            (``lambda_fisher > 0`` with ``ewc_anchor="source"``).
+        source_data: the source model's labelled training data, a datamodule whose train split
+            is read without augmentation (:func:`~kdzoo.methods.statistics.source_loader`);
+            needed for the source Fisher
+            (``fisher_weight > 0`` with ``ewc_anchor="source"``).
         source_batch_size: Fisher batch size; ``None``: the stream's batch size, else 200.
         seed: seeds the choice and order of the Fisher images and the augmentation.
         cache: read/write the Fisher cache.
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    citation = (
+        'Tian, Lyu et al. "Parameter-Selective Mean Teacher for Continual Test-Time Adaptation". '
+        "ACCV 2024, arXiv:2407.02253"
+    )
+    description = "parameter-selective mean teacher"
+    renamed_arguments: ClassVar[Mapping[str, str]] = {"lambda_fisher": "fisher_weight"}
+
     def __init__(
         self,
-        lambda_fisher: float = 500.0,
+        fisher_weight: float = 500.0,
         quantile: float = 0.03,
         fisher_samples: int = 10000,
         momentum: float = 0.999,
@@ -124,40 +133,36 @@ class PSMT(TTAModule):
         mask_mode: Literal["code", "paper"] = "code",
         ewc_anchor: Literal["source", "previous"] = "source",
         student_view: Literal["clean", "augmented"] = "clean",
-        source_data: dict[str, Any] | None = None,
+        source_data: L.LightningDataModule | None = None,
         source_batch_size: int | None = None,
         seed: int = 0,
         cache: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        for name, value, allowed in (
-            ("mask_mode", mask_mode, ("code", "paper")),
-            ("ewc_anchor", ewc_anchor, ("source", "previous")),
-            ("student_view", student_view, ("clean", "augmented")),
-        ):
-            if value not in allowed:
-                raise ConfigError(f"PSMT {name} must be one of {allowed}, got {value!r}")
-        if lambda_fisher < 0 or not 0.0 <= quantile <= 1.0 or fisher_samples < 1 or momentum < 0:
-            raise ConfigError(
-                "PSMT needs lambda_fisher >= 0, quantile in [0, 1], fisher_samples >= 1 and "
-                f"momentum >= 0, got {lambda_fisher}, {quantile}, {fisher_samples}, {momentum}"
-            )
-        self.needs_source_fisher = lambda_fisher > 0 and ewc_anchor == "source"
+        # Checked although the Literal is the CLI's schema: from Python any other value would
+        # silently drop the EWC penalty (no source Fisher and no moving anchor, so F stays 0).
+        if ewc_anchor not in ("source", "previous"):
+            raise ConfigError(f"ewc_anchor must be 'source' or 'previous', got {ewc_anchor!r}")
+        check_non_negative(fisher_weight=fisher_weight)
+        check_fraction(quantile=quantile)
+        check_at_least(1, fisher_samples=fisher_samples)
+        check_non_negative(momentum=momentum)
+        self.needs_source_fisher = fisher_weight > 0 and ewc_anchor == "source"
         if source_data is None and self.needs_source_fisher:
             raise ConfigError(
-                "PSMT needs the source training data (source_data: a datamodule spec such as "
+                "PSMT needs the source training data (source_data: a datamodule such as "
                 "{class_path: kdzoo.datamodules.FashionMNIST, init_args: {...}}) to compute the "
-                "source Fisher of its EWC penalty; set lambda_fisher=0 to run without it"
+                "source Fisher of its EWC penalty; set fisher_weight=0 to run without it"
             )
-        self.lambda_fisher, self.quantile, self.fisher_samples = (
-            lambda_fisher,
+        self.fisher_weight, self.quantile, self.fisher_samples = (
+            fisher_weight,
             quantile,
             fisher_samples,
         )
         self.momentum, self.rst = momentum, rst
         self.mask_mode, self.ewc_anchor, self.student_view = mask_mode, ewc_anchor, student_view
-        self.source_data = dict(source_data) if source_data is not None else None
+        self.source_data = source_data
         self.source_batch_size = source_batch_size
         self.seed = seed
         self.cache = cache
@@ -182,23 +187,15 @@ class PSMT(TTAModule):
             self.fisher.zero_()
             return
         batch_size = default_source_batch_size(self, self.source_batch_size)
-        datamodule = build_source_datamodule(self.source_data)
-        check_source_data(
-            datamodule, self.model.num_classes, self.hparams.get("in_chans"), self.mean, self.std
-        )
-        loader = build_source_loader(datamodule, batch_size, self.seed, self.fisher_samples)
+        stream = (self.model.num_classes, self.hparams.get("in_chans"), self.mean, self.std)
+        datamodule = source_datamodule(self.source_data, *stream)
+        loader = source_loader(datamodule, batch_size, self.seed, self.fisher_samples)
         key = None
         if self.cache:
-            key = {
-                "weights": weights_hash(self.model),
-                "data": source_data_key(self.source_data),
-                "samples": self.fisher_samples,
-                "batch_size": batch_size,
-                "seed": self.seed,
-            }
-        found = cached(
-            self, "psmt", "fisher", key, lambda: {"fisher": self.compute_fisher(loader).cpu()}
-        )
+            options = {"samples": self.fisher_samples, "batch_size": batch_size, "seed": self.seed}
+            key = table_key("psmt-fisher", self.model, datamodule, augment=False, **options)
+        compute = lambda: {"fisher": self.compute_fisher(loader).cpu()}  # noqa: E731
+        found = compute_once(self._trainer, cache_file(key, "tta/psmt"), compute)
         self.fisher.copy_(found["fisher"])
 
     def compute_fisher(self, loader: Any) -> torch.Tensor:
@@ -239,10 +236,10 @@ class PSMT(TTAModule):
         else:  # the code's two identical halves
             loss = symmetric_cross_entropy(student_logits, teacher_logits)
         params = list(self.model.parameters())
-        if self.lambda_fisher > 0:
+        if self.fisher_weight > 0:
             anchor = self.anchor_params if self.ewc_anchor == "previous" else self.source_params
             penalty = (self.fisher * (self._flat(params) - anchor).pow(2)).sum()
-            loss = loss + self.lambda_fisher * penalty
+            loss = loss + self.fisher_weight * penalty
 
         optimizer = self._optimizer
         assert optimizer is not None, "on_test_start builds the optimiser"

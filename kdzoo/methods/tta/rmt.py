@@ -15,13 +15,13 @@ here follows the code (only the paper's abstract was available):
   post-warm-up student, teacher and optimiser state is the initial state ``reset`` returns to.
 * per test batch (:meth:`RMT.adapt`): student on the clean and on the CoTTA-augmented batch
   (one augmentation draw per batch), teacher on the clean batch; loss
-  ``lambda_st * (SCE(z_s, z_t) + SCE(z~_s, z_t)) / 2 + lambda_cont * L_cont + lambda_src * CE``
+  ``st_weight * (SCE(z_s, z_t) + SCE(z~_s, z_t)) / 2 + cont_weight * L_cont + src_weight * CE``
   on a labelled source batch; one step; teacher EMA (0.999); the prediction is the logit sum of
   student and teacher, both computed before the step.
 
 Source-free variant (spec 4.4, the code's ``RMT.LAMBDA_CE_SRC 0.0 RMT.NUM_SAMPLES_WARM_UP 0``):
-``lambda_src=0, warmup_samples=0``. As in the code it still computes the prototypes from the
-source data, so ``source_data`` is still needed unless ``lambda_cont=0`` as well.
+``src_weight=0, warmup_samples=0``. As in the code it still computes the prototypes from the
+source data, so ``source_data`` is still needed unless ``cont_weight=0`` as well.
 
 kdzoo specifics: prototypes and the warm-up state are cached on disk (``$KDZOO_HOME/tta/rmt``)
 keyed by the source weights' hash, the source data and the settings, and cached and fresh runs
@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,18 +44,19 @@ from torch import nn
 from kdzoo.errors import ConfigError
 from kdzoo.losses.functional.contrastive import rmt_contrastive_loss
 from kdzoo.losses.functional.sce import symmetric_cross_entropy
-from kdzoo.methods.training_pass import weights_hash
-from kdzoo.methods.tta.augment import cotta_augment, from_unit, to_unit
-from kdzoo.methods.tta.base import TTAModule, ema_update
-from kdzoo.methods.tta.source_data import (
-    build_source_datamodule,
-    build_source_loader,
-    cached,
-    check_source_data,
+from kdzoo.methods.statistics import (
+    cache_file,
+    class_means,
+    compute_once,
     default_source_batch_size,
     endless,
-    source_data_key,
+    source_datamodule,
+    source_loader,
+    table_key,
 )
+from kdzoo.methods.tta.augment import cotta_augment, from_unit, to_unit
+from kdzoo.methods.tta.base import TTAModule, ema_update
+from kdzoo.validation import check_at_least, check_non_negative, check_positive
 
 __all__ = ["RMT"]
 
@@ -67,60 +69,68 @@ class RMT(TTAModule):
     warm-up; see the module docstring.
 
     Args:
-        lambda_st: weight of the symmetric cross-entropy self-training term.
-        lambda_cont: weight of the three-view contrastive term (0 skips prototypes and projector).
-        lambda_src: weight of the source replay cross-entropy (0: source-free at test time).
+        st_weight: weight of the symmetric cross-entropy self-training term.
+        cont_weight: weight of the three-view contrastive term (0 skips prototypes and projector).
+        src_weight: weight of the source replay cross-entropy (0: source-free at test time).
         temperature: contrastive temperature.
         projection_dim: projector width.
         momentum: teacher EMA momentum (>= 1 freezes the teacher, as the code).
         warmup_samples: source images of the warm-up (0: none); steps =
             ``warmup_samples // source_batch_size``.
-        source_data: the source training data as a datamodule spec (see
-            :mod:`kdzoo.methods.tta.source_data`); needed when ``lambda_cont``, ``lambda_src`` or
-            ``warmup_samples`` is non-zero.
+        source_data: the source model's labelled training data, a datamodule whose train split
+            is read without augmentation (:func:`~kdzoo.methods.statistics.source_loader`);
+            needed when ``cont_weight``, ``src_weight`` or ``warmup_samples`` is non-zero.
         source_batch_size: source batch size; ``None``: the stream's batch size, else 200.
         seed: seeds the source loaders, the augmentation and the projector's initialisation.
         cache: read/write the prototype and warm-up caches.
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    citation = (
+        'Döbler, Marsden, Yang. "Robust Mean Teacher for Continual and Gradual Test-Time '
+        'Adaptation". CVPR 2023, arXiv:2211.13081'
+    )
+    description = "robust mean teacher"
+    renamed_arguments: ClassVar[Mapping[str, str]] = {
+        "lambda_st": "st_weight",
+        "lambda_cont": "cont_weight",
+        "lambda_src": "src_weight",
+    }
+
     def __init__(
         self,
-        lambda_st: float = 1.0,
-        lambda_cont: float = 1.0,
-        lambda_src: float = 1.0,
+        st_weight: float = 1.0,
+        cont_weight: float = 1.0,
+        src_weight: float = 1.0,
         temperature: float = 0.1,
         projection_dim: int = 128,
         momentum: float = 0.999,
         warmup_samples: int = 50000,
-        source_data: dict[str, Any] | None = None,
+        source_data: L.LightningDataModule | None = None,
         source_batch_size: int | None = None,
         seed: int = 0,
         cache: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        if min(lambda_st, lambda_cont, lambda_src) < 0:
-            raise ConfigError("RMT's loss weights lambda_st, lambda_cont, lambda_src must be >= 0")
-        if temperature <= 0 or projection_dim < 1 or warmup_samples < 0 or momentum < 0:
+        check_non_negative(st_weight=st_weight, cont_weight=cont_weight, src_weight=src_weight)
+        check_positive(temperature=temperature)
+        check_at_least(1, projection_dim=projection_dim)
+        check_non_negative(warmup_samples=warmup_samples, momentum=momentum)
+        if source_data is None and (cont_weight > 0 or src_weight > 0 or warmup_samples > 0):
             raise ConfigError(
-                "RMT needs temperature > 0, projection_dim >= 1, warmup_samples >= 0 and "
-                f"momentum >= 0, got {temperature}, {projection_dim}, {warmup_samples}, {momentum}"
-            )
-        if source_data is None and (lambda_cont > 0 or lambda_src > 0 or warmup_samples > 0):
-            raise ConfigError(
-                "RMT needs the source training data (source_data: a datamodule spec such as "
+                "RMT needs the source training data (source_data: a datamodule such as "
                 "{class_path: kdzoo.datamodules.FashionMNIST, init_args: {...}}) for its class "
-                "prototypes (lambda_cont > 0), the warm-up (warmup_samples > 0) and source replay "
-                "(lambda_src > 0). The source-free variant (lambda_src=0, warmup_samples=0) still "
-                "uses source prototypes, as the official code; set lambda_cont=0 as well to run "
+                "prototypes (cont_weight > 0), the warm-up (warmup_samples > 0) and source replay "
+                "(src_weight > 0). The source-free variant (src_weight=0, warmup_samples=0) still "
+                "uses source prototypes, as the official code; set cont_weight=0 as well to run "
                 "without any source data"
             )
-        self.lambda_st, self.lambda_cont, self.lambda_src = lambda_st, lambda_cont, lambda_src
+        self.st_weight, self.cont_weight, self.src_weight = st_weight, cont_weight, src_weight
         self.temperature = temperature
         self.momentum = momentum
         self.warmup_samples = warmup_samples
-        self.source_data = dict(source_data) if source_data is not None else None
+        self.source_data = source_data
         self.source_batch_size = source_batch_size
         self.seed = seed
         self.cache = cache
@@ -155,30 +165,20 @@ class RMT(TTAModule):
         batch_size = default_source_batch_size(self, self.source_batch_size)
         datamodule = None
         if self.source_data is not None:
-            datamodule = build_source_datamodule(self.source_data)
-            check_source_data(
-                datamodule,
-                self.model.num_classes,
-                self.hparams.get("in_chans"),
-                self.mean,
-                self.std,
-            )
-        key = None
-        if self.cache and self.source_data is not None:
-            key = {
-                "weights": weights_hash(self.model),
-                "data": source_data_key(self.source_data),
-                "batch_size": batch_size,
-                "seed": self.seed,
-            }
-        if self.lambda_cont > 0:
-            loader = build_source_loader(datamodule, batch_size, self.seed)
+            stream = (self.model.num_classes, self.hparams.get("in_chans"), self.mean, self.std)
+            datamodule = source_datamodule(self.source_data, *stream)
+        key = None  # hashes the source weights once, before the prototype pass and the warm-up
+        if self.cache and datamodule is not None:
+            options = {"batch_size": batch_size, "seed": self.seed}
+            key = table_key("rmt-source", self.model, datamodule, augment=False, **options)
+        if self.cont_weight > 0:
+            loader = source_loader(datamodule, batch_size, self.seed)
             compute = lambda: {"prototypes": self.compute_prototypes(loader)}  # noqa: E731
-            found = cached(self, "rmt", "prototypes", _extend(key, n=PROTOTYPE_FEATURES), compute)
-            self.prototypes.copy_(found["prototypes"])
+            path = cache_file(key, "tta/rmt", table="prototypes", n=PROTOTYPE_FEATURES)
+            self.prototypes.copy_(compute_once(self._trainer, path, compute)["prototypes"])
         steps = self.warmup_samples // batch_size
         if steps > 0:
-            loader = build_source_loader(datamodule, batch_size, self.seed + 1)
+            loader = source_loader(datamodule, batch_size, self.seed + 1)
             settings = {
                 "steps": steps,
                 "momentum": self.momentum,
@@ -194,12 +194,13 @@ class RMT(TTAModule):
                     "optimizer": optimizer.state_dict(),
                 }
 
-            state = cached(self, "rmt", "warmup", _extend(key, **settings), warm_up)
+            path = cache_file(key, "tta/rmt", table="warmup", **settings)
+            state = compute_once(self._trainer, path, warm_up)
             self.model.load_state_dict(state["student"])
             self.teacher.load_state_dict(state["teacher"])
             optimizer.load_state_dict(state["optimizer"])
-        if self.lambda_src > 0:
-            self._replay = endless(build_source_loader(datamodule, batch_size, self.seed + 2))
+        if self.src_weight > 0:
+            self._replay = endless(source_loader(datamodule, batch_size, self.seed + 2))
         self._prepared_optimizer = optimizer
 
     def on_test_start(self) -> None:
@@ -213,25 +214,14 @@ class RMT(TTAModule):
     def compute_prototypes(self, loader: Any) -> torch.Tensor:
         """``(C, D)`` class means of the current (source) model's pooled embeddings over
         ``loader``, stopping once more than :data:`PROTOTYPE_FEATURES` were seen."""
-        num_classes, dim = self.prototypes.shape
-        sums = torch.zeros(num_classes, dim, dtype=torch.float64, device=self.device)
-        counts = torch.zeros(num_classes, dtype=torch.float64, device=self.device)
-        seen = 0
-        for batch in loader:
-            images, labels = batch[0].to(self.device), batch[1].to(self.device).long()
-            embedding = self.model(images).embedding
-            sums.index_add_(0, labels, embedding.double())
-            counts += torch.bincount(labels, minlength=num_classes).double()
-            seen += len(labels)
-            if seen > PROTOTYPE_FEATURES:
-                break
-        missing = (counts == 0).nonzero().flatten().tolist()
-        if missing:
-            raise ConfigError(
-                f"RMT's prototypes need source images of every class; classes {missing} have "
-                "none in source_data (use more of the training split)"
-            )
-        return (sums / counts[:, None]).float().cpu()
+        return class_means(
+            lambda images: self.model(images).embedding,
+            loader,
+            self.prototypes.shape[0],
+            device=self.device,
+            stop_after=PROTOTYPE_FEATURES,
+            name="RMT's prototypes (source_data needs images of every class)",
+        ).cpu()
 
     @torch.enable_grad()
     def warmup(self, optimizer: torch.optim.Optimizer, batches: Iterator[Any], steps: int) -> None:
@@ -263,13 +253,13 @@ class RMT(TTAModule):
             teacher_logits = self.teacher(images).logits
         prediction = (clean.logits + teacher_logits).detach()
         loss = clean.logits.new_zeros(())
-        if self.lambda_st > 0 or self.lambda_cont > 0:
+        if self.st_weight > 0 or self.cont_weight > 0:
             augmented = self.model(self.augment(images))
-            if self.lambda_st > 0:
+            if self.st_weight > 0:
                 self_training = 0.5 * symmetric_cross_entropy(clean.logits, teacher_logits)
                 self_training += 0.5 * symmetric_cross_entropy(augmented.logits, teacher_logits)
-                loss = loss + self.lambda_st * self_training
-            if self.lambda_cont > 0:
+                loss = loss + self.st_weight * self_training
+            if self.cont_weight > 0:
                 contrastive = rmt_contrastive_loss(
                     self.prototypes,
                     clean.embedding,
@@ -277,22 +267,18 @@ class RMT(TTAModule):
                     self.projector,
                     temperature=self.temperature,
                 )
-                loss = loss + self.lambda_cont * contrastive
-        if self.lambda_src > 0:
+                loss = loss + self.cont_weight * contrastive
+        if self.src_weight > 0:
             assert self._replay is not None, "prepare() builds the source replay"
             source_images, source_labels = next(self._replay)[:2]
             logits = self.model(source_images.to(self.device)).logits
-            loss = loss + self.lambda_src * F.cross_entropy(
+            loss = loss + self.src_weight * F.cross_entropy(
                 logits, source_labels.to(self.device).long()
             )
         if loss.requires_grad:
             self.step_optimizer(loss)
         ema_update(self.teacher, self.model, self.momentum)
         return prediction
-
-
-def _extend(key: Mapping[str, Any] | None, **more: Any) -> dict[str, Any] | None:
-    return None if key is None else {**key, **more}
 
 
 def _cpu(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,6 +21,8 @@ class Source(TTAModule):
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    description = "the source model, not adapted"
+
     def __init__(self, batch_norm: Literal["batch", "source"] = "source", **kwargs: Any) -> None:
         super().__init__(batch_norm=batch_norm, **kwargs)
 

@@ -53,6 +53,12 @@ class Tent(TTAModule):
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
     """
 
+    citation = (
+        'Wang, Shelhamer, Liu, Olshausen, Darrell. "Tent: Fully Test-Time Adaptation by Entropy '
+        'Minimization". ICLR 2021, arXiv:2006.10726'
+    )
+    description = "entropy minimisation"
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model.requires_grad_(False)

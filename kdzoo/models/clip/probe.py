@@ -1,9 +1,9 @@
-"""The few-shot CLIP teacher (CLAP linear probe) and its fit; see :mod:`kdzoo.models.clip_teacher`.
+"""The few-shot CLIP teacher (CLAP linear probe) and its fit; see :mod:`kdzoo.models.clip`.
 
 Silva-Rodríguez et al., "A Closer Look at the Few-Shot Adaptation of Large Vision-Language
 Models", CVPR 2024, arXiv:2312.12730, as used by PCoreSet / ActiveKD (arXiv:2506.00910; official
 code github.com/erjui/PCoreSet, ``clap_others.py``). Where this follows the code and where it
-simplifies is said in :mod:`kdzoo.models.clip_teacher`.
+simplifies is said in :mod:`kdzoo.models.clip`.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ import torch
 import torch.nn.functional as F
 
 from kdzoo.errors import ConfigError
-from kdzoo.models.clip_teacher import CLIPZeroShotTeacher, _FrozenTeacher
+from kdzoo.models.clip.zero_shot import CLIPZeroShotTeacher
+from kdzoo.models.teacher import Teacher
 
 __all__ = ["LinearProbeTeacher", "fit_linear_probe", "linear_warmup_decay"]
 
 
-class LinearProbeTeacher(_FrozenTeacher):
+class LinearProbeTeacher(Teacher):
     """Few-shot CLIP teacher (CLAP): the zero-shot teacher's image tower with class prototypes.
+
+    A :class:`~kdzoo.models.teacher.Teacher` over the zero-shot teacher (``backbone``, also
+    ``zero_shot``): frozen, in eval mode for ever, never in a checkpoint.
 
     Args:
         zero_shot: supplies the image features, the scale and ``W0`` (its raw text weights).
@@ -32,8 +36,7 @@ class LinearProbeTeacher(_FrozenTeacher):
     def __init__(
         self, zero_shot: CLIPZeroShotTeacher, prototypes: torch.Tensor | None = None
     ) -> None:
-        super().__init__()
-        self.zero_shot = zero_shot
+        super().__init__(zero_shot)
         init = zero_shot.raw_text_weights
         if prototypes is None:
             prototypes = init
@@ -44,7 +47,11 @@ class LinearProbeTeacher(_FrozenTeacher):
                 "with another model or class list?"
             )
         self.register_buffer("prototypes", prototypes.detach().float().clone(), persistent=False)
-        self.train(False)
+
+    @property
+    def zero_shot(self) -> CLIPZeroShotTeacher:
+        """The zero-shot teacher whose image features the probe classifies."""
+        return self.backbone
 
     @property
     def num_classes(self) -> int:

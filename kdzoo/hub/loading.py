@@ -5,11 +5,13 @@ Nothing is unpickled: the weights are safetensors and the config is JSON. The mo
 ``timm.create_model`` (after ``import kdzoo.models``, which registers the CIFAR KD-benchmark
 nets), its weights are loaded strictly, and its ``pretrained_cfg`` is set from the config, so
 ``timm.data.resolve_data_config(model=model)`` returns the preprocessing it was trained with.
+
+The module is not called ``load``: a submodule ``kdzoo.hub.load`` would replace the function
+:func:`kdzoo.hub.load` on the package the first time it is imported.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,12 +20,11 @@ import timm
 import torch
 
 import kdzoo.models  # noqa: F401  (registers the CIFAR nets, so their names resolve in timm)
-from kdzoo.models.weights import WeightsError, load_safetensors
+from kdzoo.hub.folder import CONFIG_FILE, WEIGHTS_FILE, read_config
+from kdzoo.models.weights import WeightsError, load_safetensors, load_strictly
 
 __all__ = ["load_folder"]
 
-WEIGHTS_FILE = "model.safetensors"
-CONFIG_FILE = "config.json"
 # Fields of timm's default config that describe timm's own weights (where they are, their labels,
 # their test-time resolution), not the exported ones; dropped unless config.json sets them.
 _FOREIGN_KEYS = (
@@ -94,56 +95,14 @@ def load_folder(path: str | os.PathLike) -> torch.nn.Module:
         architecture, pretrained=False, num_classes=int(num_classes), **model_args
     )
     state = load_safetensors(weights)
-    _load_strictly(model, state, weights, architecture)
+    load_strictly(
+        model,
+        state,
+        what=f"weights {weights}",
+        into=f"timm model {architecture!r} as config.json describes it",
+    )
     _set_pretrained_cfg(model, pretrained_cfg, architecture, weights)
     return model.eval()
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """The JSON object in an exported folder's ``config.json``, or a one-line
-    :class:`WeightsError` naming the file."""
-    if not path.is_file():
-        raise WeightsError(f"{path} not found: an exported folder has a {CONFIG_FILE}")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise WeightsError(
-            f"cannot read {path.parent}: {CONFIG_FILE} is not valid JSON ({path}: {err})"
-        ) from err
-    if not isinstance(config, dict):
-        raise WeightsError(
-            f"cannot read {path.parent}: {CONFIG_FILE} does not hold a JSON object ({path})"
-        )
-    return config
-
-
-def _load_strictly(
-    model: torch.nn.Module, state: dict[str, torch.Tensor], weights: Path, architecture: str
-) -> None:
-    """``load_state_dict(strict=True)`` with an error that names the keys that do not fit."""
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    mismatched = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(state) & set(expected))
-        if state[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = [
-            f"{label} {keys[:5]}{' ...' if len(keys) > 5 else ''} ({len(keys)})"
-            for label, keys in (
-                ("missing keys", missing),
-                ("unexpected keys", unexpected),
-                ("shape mismatches", mismatched),
-            )
-            if keys
-        ]
-        raise WeightsError(
-            f"{weights} does not fit timm model {architecture!r} as config.json describes it: "
-            + "; ".join(parts)
-        )
-    model.load_state_dict(state, strict=True)
 
 
 def _set_pretrained_cfg(
