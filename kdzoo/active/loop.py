@@ -70,8 +70,7 @@ RESUMABLE_KEYS = (
     "data.init_args.download",
     "checkpoint",
     "prediction_writer",
-    "paper_top1",
-    "paper_miou",
+    "paper",
 )
 
 
