@@ -63,6 +63,7 @@ from kdzoo.results import (
     metric_rows,
     plot_bars,
     plot_stream,
+    read_cost,
     read_rows,
     render_spec,
 )
@@ -121,9 +122,17 @@ def run_suite(
     configs_dir: Path | None = None,
     record: bool = False,
     benchmarks_dir: Path | None = None,
+    teacher_cache: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Train and test every run of suite ``name``; return the rows it appended. With ``record``
-    the rows (and an active part's rounds) are also appended under ``benchmarks_dir``."""
+    the rows (and an active part's rounds) are also appended under ``benchmarks_dir``.
+
+    In a suite that sets ``teacher_cache`` (true or false), the students (runs with a
+    ``teacher:``) see exact-replay views (``augment_seed`` = ``seed``); with it true they train
+    from one cache per teacher (:mod:`kdzoo.cache.suite`, built when first needed, its time
+    counted in that student's), else from the live teacher. ``teacher_cache`` overrides the
+    suite's setting (the online run to compare a cached one with)."""
+    from kdzoo.cache.suite import cached_teacher_args
     from kdzoo.lightning_cli import KDCLI
 
     configs_dir = configs_dir or default_configs_dir()
@@ -149,8 +158,11 @@ def run_suite(
             preset = suite.get("fast", [])
             args += preset.get(command, []) if isinstance(preset, dict) else preset
             args += [_fill_checkpoints(arg, best) for arg in run.get("fast_args", [])]
+        replay = run.get("teacher") and "teacher_cache" in suite
         if run.get("teacher"):
             args.append(f"--model.init_args.teacher.weights={best[run['teacher']]}")
+        if replay:  # cached or live, the same views (so the two compare)
+            args.append(f"--data.init_args.augment_seed={seed}")
         if download and command == "fit":
             args.append("--data.init_args.download=true")
         args += data_args if command == "test" else []
@@ -160,6 +172,9 @@ def run_suite(
             f"--trainer.logger.init_args.name={run['name']}",
         ]
         start = time.perf_counter()
+        if replay and (suite["teacher_cache"] if teacher_cache is None else teacher_cache):
+            caches = out / "caches" / table / f"seed{seed}"
+            args += cached_teacher_args(args, caches, run["teacher"])
         cli = KDCLI(args=args)
         if command == "fit":
             best[run["name"]] = cli.trainer.checkpoint_callback.best_model_path
@@ -384,7 +399,9 @@ def render_suite_table(name: str, benchmarks_dir: Path, configs_dir: Path) -> st
                 rows = list(csv.DictReader(f))
         else:
             rows = read_rows(path)
-        return render_spec(spec, rows)
+        # The students' costs, measured apart by tools/bench_cost.py (columns params, macs, ...).
+        cost = read_cost(Path(benchmarks_dir) / f"{name}_cost.csv")
+        return render_spec(spec, rows, cost=cost)
     except (KeyError, ValueError) as error:  # a wrong table block or results file
         raise SystemExit(f"error: table {name!r} of configs/bench/{name}.yaml: {error}") from None
 
@@ -441,6 +458,13 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="where --record appends (default: the source checkout's benchmarks/)",
     )
+    run.add_argument(
+        "--teacher_cache",
+        type=bool | None,
+        default=None,
+        help="students of a suite with teacher_cache: train from one teacher cache per teacher "
+        "(true) or from the live teacher (false); default: the suite's setting",
+    )
     subcommands.add_subcommand("run", run, help=run.description)
     listing = ArgumentParser(description="List the suites.")
     listing.add_argument("--configs_dir", type=Path | None, default=None)
@@ -492,4 +516,5 @@ def main(argv: Sequence[str] | None = None) -> None:
         configs_dir=args.configs_dir,
         record=args.record,
         benchmarks_dir=args.benchmarks_dir,
+        teacher_cache=args.teacher_cache,
     )

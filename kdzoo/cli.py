@@ -46,6 +46,12 @@ def _bench(argv: Sequence[str]) -> None:
     bench_main(argv)
 
 
+def _cache(argv: Sequence[str]) -> None:
+    from kdzoo.cache.cli import main as cache_main
+
+    cache_main(argv)
+
+
 def _hub(argv: Sequence[str]) -> None:
     from kdzoo.hub.cli import main as hub_main
 
@@ -69,6 +75,10 @@ TOOL_COMMANDS: dict[str, tuple[str, Callable[[Sequence[str]], None]]] = {
     "bench": (
         "Run a benchmark suite and render its table and plot (`kdzoo bench --help`).",
         _bench,
+    ),
+    "cache": (
+        "Build, verify and describe teacher-output caches (`kdzoo cache --help`).",
+        _cache,
     ),
     "hub": (
         "Export, list, download and verify published checkpoints (`kdzoo hub --help`).",

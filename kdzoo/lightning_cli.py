@@ -418,9 +418,17 @@ def _differences(
     for key, value in recorded.items():
         if key in _LINEAGE_KEYS or key in ignored or key not in given:
             continue
-        if plain(value) != given[key]:
+        if _comparable(plain(value)) != _comparable(given[key]):
             out.append(f"{prefix}.{key}: checkpoint {plain(value)!r}, config {given[key]!r}")
     return out
+
+
+def _comparable(value: Any) -> Any:
+    """``value`` without what does not change a run: whether a teacher's outputs are computed
+    or read from its cache (``teacher.cache``; the cache refuses any other difference)."""
+    if isinstance(value, Mapping) and "cache" in value and "weights" in value:
+        return {k: v for k, v in value.items() if k != "cache"}
+    return value
 
 
 def _check_may_run_untrained(config: Namespace, subcommand: str) -> None:

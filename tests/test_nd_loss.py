@@ -103,3 +103,15 @@ def test_shape_errors_are_clear():
         nd_loss(f_s[:, :3], f_t, centers, target)
     with pytest.raises(ValueError, match="class_means must be"):
         nd_loss(f_s, f_t, centers[:, :2], target)
+
+
+def test_teacher_norms_stand_for_the_teacher_embedding():
+    """A teacher cache passes the teacher's (N,) norms, all the loss reads of its features."""
+    f_s, f_t, centers, target = random_inputs(5, 6, 3, seed=11)
+    norms = torch.tensor(
+        [math.sqrt(sum(v * v for v in row)) for row in f_t.tolist()], dtype=f_s.dtype
+    )
+    got = nd_loss(f_s, norms.to(f_s.dtype), centers, target)
+    assert got.item() == pytest.approx(reference_nd(f_s, f_t, centers, target), abs=1e-12)
+    with pytest.raises(ValueError, match="differ"):
+        nd_loss(f_s, norms[:4].to(f_s.dtype), centers, target)

@@ -18,6 +18,18 @@ repetition, the medians, and the ratio of median step times kdzoo / plain (targe
     python tools/bench_speed.py                      # resnet18 <- resnet34, 64 x 3x32x32
     python tools/bench_speed.py --student test_resnet --teacher test_resnet --steps 5 --reps 2
     python tools/bench_speed.py --device cuda --json results/speed.json
+
+``--cached`` measures what a teacher-output cache (``kdzoo cache``) saves instead: on Fashion-MNIST
+views with ``augment_seed`` (real loaders, ``num_workers=0``), one epoch of ``--steps`` batches of
+the student alone (``Supervised``), of online KD and of KD from a cache of the same teacher
+(weights saved to a file first), interleaved, each through a fresh ``lightning.Trainer``; it prints
+the ratios cached/student and online/student (target for cached <= 1.05) and the time to build
+one epoch of the cache against one online KD epoch:
+
+    python tools/bench_speed.py --cached --student resnet18 --teacher resnet34 \\
+        --image-size 32 --in-chans 3
+    python tools/bench_speed.py --cached --student test_resnet --teacher resnet18 \\
+        --image-size 28 --in-chans 1
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import time
 import warnings
@@ -44,6 +57,7 @@ from kdzoo.methods import KD
 from kdzoo.models import TeacherSpec
 
 TARGET_RATIO = 1.10
+TARGET_CACHED_RATIO = 1.05
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,6 +81,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kd-weight", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="write the numbers to this file")
+    parser.add_argument(
+        "--cached",
+        action="store_true",
+        help="student alone vs online KD vs KD from a teacher cache, on Fashion-MNIST views",
+    )
     args = parser.parse_args(argv)
     if args.steps < 1 or args.reps < 1 or args.warmup < 0:
         parser.error("--steps and --reps must be >= 1 and --warmup >= 0")
@@ -112,12 +131,13 @@ def make_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int) -> 
 
 
 def run_kdzoo(
-    module: KD,
+    module: L.LightningModule,
     initial_student: dict[str, torch.Tensor],
-    loader: DataLoader,
+    loader: DataLoader | L.LightningDataModule,
     args: argparse.Namespace,
 ) -> float:
-    """Seconds for ``args.steps`` KD steps of ``module`` through a fresh ``lightning.Trainer``."""
+    """Seconds for ``args.steps`` training steps of ``module`` (after ``args.warmup``) through a
+    fresh ``lightning.Trainer``."""
     module.student.load_state_dict(initial_student)
     device = torch.device(args.device)
     timer = StepTimer(args.warmup, args.warmup + args.steps - 1, device)
@@ -134,7 +154,10 @@ def run_kdzoo(
         num_sanity_val_steps=0,
         callbacks=[timer],
     )
-    trainer.fit(module, train_dataloaders=loader)
+    if isinstance(loader, L.LightningDataModule):
+        trainer.fit(module, datamodule=loader)
+    else:
+        trainer.fit(module, train_dataloaders=loader)
     return timer.elapsed
 
 
@@ -184,6 +207,98 @@ def run_plain(
     return end - start
 
 
+def cached_mode(args: argparse.Namespace) -> dict[str, Any]:
+    """Student alone / online KD / KD from a cache: seconds per epoch of ``args.steps`` batches."""
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from kdzoo.cache.build import build_cache
+    from kdzoo.datamodules import FashionMNIST
+    from kdzoo.methods import Supervised
+    from kdzoo.models.backbone import Backbone
+
+    work = Path(tempfile.mkdtemp(prefix="kdzoo-bench-cache-"))
+    device = torch.device(args.device)
+    samples = (args.warmup + args.steps) * args.batch_size
+    data = {
+        "train_subset": samples, "eval_subset": args.batch_size, "batch_size": args.batch_size,
+        "image_size": args.image_size, "grey_to_rgb": args.in_chans == 3, "augment_seed": args.seed,
+    }  # fmt: skip
+    L.seed_everything(args.seed, verbose=False)
+    teacher_file = work / "teacher.safetensors"
+    teacher = Backbone(args.teacher, num_classes=10, in_chans=args.in_chans)
+    save_file(teacher.model.state_dict(), teacher_file)
+    optimizer = functools.partial(torch.optim.SGD, lr=args.lr, momentum=0.9)
+    common = {"student": args.student, "num_classes": 10, "in_chans": args.in_chans}
+    spec = {"name": args.teacher, "weights": str(teacher_file)}
+    datamodule = FashionMNIST(**data)
+
+    def module(side: str) -> L.LightningModule:
+        L.seed_everything(args.seed, verbose=False)
+        if side == "student":
+            return Supervised(**common, optimizer=optimizer)
+        cache = str(work / "cache") if side == "cached" else None
+        return KD(teacher=TeacherSpec(**spec, cache=cache), **common, optimizer=optimizer)
+
+    def build_seconds() -> float:
+        shutil.rmtree(work / "cache", ignore_errors=True)
+        live = module("online")
+        start = time.perf_counter()
+        build_cache(live, FashionMNIST(**data), work / "cache", epochs=1,
+                    trainer_options={"accelerator": "gpu" if device.type == "cuda" else "cpu",
+                                     "devices": 1})  # fmt: skip
+        synchronize(device)
+        return time.perf_counter() - start
+
+    times: dict[str, list[float]] = {"student": [], "online": [], "cached": [], "build": []}
+    times["build"].append(build_seconds())
+    modules = {side: module(side) for side in ("student", "online", "cached")}
+    initial = copy.deepcopy(modules["student"].student.state_dict())
+    print(
+        f"epoch of {args.steps} batches ({args.batch_size}x{args.in_chans}x{args.image_size}x"
+        f"{args.image_size}, Fashion-MNIST views) after {args.warmup} warm-up: student "
+        f"{args.student}, teacher {args.teacher}, {args.reps} reps, device {device}, "
+        f"{torch.get_num_threads()} threads"
+    )
+    sides = ["student", "online", "cached"]
+    for rep in range(args.reps):
+        order = sides[rep % 3 :] + sides[: rep % 3]  # rotate who runs first
+        for side in order:
+            times[side].append(run_kdzoo(modules[side], initial, datamodule, args))
+        times["build"].append(build_seconds())
+        print(
+            f"rep {rep + 1}/{args.reps}: "
+            + "   ".join(f"{side} {times[side][-1]:.3f} s" for side in (*sides, "build"))
+        )
+    median = {side: statistics.median(values) for side, values in times.items()}
+    ratios = {
+        "cached_over_student": median["cached"] / median["student"],
+        "online_over_student": median["online"] / median["student"],
+        "build_epoch_over_online_epoch": median["build"] / median["online"],
+    }
+    paired = statistics.median(
+        c / s for c, s in zip(times["cached"], times["student"], strict=True)
+    )
+    verdict = "OK" if ratios["cached_over_student"] <= TARGET_CACHED_RATIO else "ABOVE TARGET"
+    print("medians: " + "   ".join(f"{side} {t:.3f} s" for side, t in median.items()))
+    print(
+        f"cached KD / student alone: {ratios['cached_over_student']:.3f} (target <= "
+        f"{TARGET_CACHED_RATIO:.2f}: {verdict}); median of per-repetition ratios {paired:.3f}"
+    )
+    print(f"online KD / student alone: {ratios['online_over_student']:.3f}")
+    print(
+        "cache build (1 epoch, incl. start-up) / online KD epoch: "
+        f"{ratios['build_epoch_over_online_epoch']:.3f}"
+    )
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        print(f"load average (1/5/15 min) at the end: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    shutil.rmtree(work, ignore_errors=True)
+    return {"seconds": times, "medians": median, "ratios": ratios, "paired_cached": paired,
+            "load_average_at_end": load}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.threads is not None:
@@ -194,6 +309,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     warnings.filterwarnings("ignore", message=r"You defined a `validation_step` but have no")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    if args.cached:
+        result = cached_mode(args)
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+        return result
     device = torch.device(args.device)
 
     L.seed_everything(args.seed, verbose=False)

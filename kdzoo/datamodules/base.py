@@ -14,10 +14,11 @@ Every DataModule here follows one contract so that a LightningCLI config can swa
 - augmentations are albumentations pipelines; through a :class:`ReseedingDataLoader`, the order of
   epoch ``e`` is a function of ``(loader seed, e)`` and the augmentation of item ``j`` in epoch
   ``e`` a function of ``(loader seed, e, j)`` only, whatever the number of worker processes or
-  ranks. The loader seed is drawn from torch's RNG when the loader is built, so runs under
-  ``lightning.seed_everything`` are bit-identical on CPU, and nothing the loaders do consumes the
-  global RNG: a run resumed at an epoch boundary (see :mod:`kdzoo.checkpointing`) sees the same
-  batches as the run that was never interrupted.
+  ranks (of ``(augment_seed, e, j)`` only with ``augment_seed``, which also adds the sample ids
+  to the training batches). The loader seed is drawn from torch's RNG when the loader is built,
+  so runs under ``lightning.seed_everything`` are bit-identical on CPU, and nothing the loaders
+  do consumes the global RNG: a run resumed at an epoch boundary (see
+  :mod:`kdzoo.checkpointing`) sees the same batches as the run that was never interrupted.
 """
 
 from abc import abstractmethod
@@ -69,7 +70,8 @@ PredictSplit = Literal["test", "val", "train"]
 
 
 class ImageClassificationDataModule(KDZooDataModule):
-    """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``.
+    """Base DataModule: batches are ``(float32 images N x C x H x W normalised, int64 targets)``
+    (training batches ``(images, targets, int64 sample ids)`` with ``augment_seed``).
 
     Subclasses set the class attributes describing their data and implement :meth:`load_data`,
     :meth:`train_transforms` and :meth:`eval_transforms`.
@@ -91,6 +93,14 @@ class ImageClassificationDataModule(KDZooDataModule):
             are drawn after it. ``None`` keeps every class.
         predict_split: the split ``kdzoo predict`` runs over: ``"test"``, ``"val"`` or
             ``"train"`` (with the eval transforms, never the augmentations).
+        augment_seed: seed of the training augmentation for exact replay, distinct from the
+            training seed; with it, the training view of sample ``i`` in epoch ``e`` is a
+            deterministic function of ``(augment_seed, e, i)`` only, independent of worker
+            count, batch size, sample order, DDP world size and rank, and training batches
+            carry the sample ids as a third element ``(images, targets, ids)``; needed by a
+            teacher-output cache (``kdzoo cache``). ``None`` (the default) augments from the
+            loader seed (see :mod:`kdzoo.datamodules.loading`) and batches are
+            ``(images, targets)``. Only the training split is affected.
         Other arguments (``root``, ``batch_size``, ``num_workers``): see
             :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
@@ -114,6 +124,7 @@ class ImageClassificationDataModule(KDZooDataModule):
         download: bool = False,
         classes: list[int] | None = None,
         predict_split: PredictSplit = "test",
+        augment_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -122,6 +133,7 @@ class ImageClassificationDataModule(KDZooDataModule):
         check_arg("image_size", image_size, image_size is None or image_size >= 1, "None or >= 1")
         check_count("train_subset", train_subset, optional=True)
         check_count("eval_subset", eval_subset, optional=True)
+        check_count("augment_seed", augment_seed, 0, optional=True)
         # From Python, a misspelt split would fail only in setup(), as a bare KeyError.
         check_choice("predict_split", predict_split, PredictSplit)
         self.allow_download = download
@@ -220,6 +232,8 @@ class ImageClassificationDataModule(KDZooDataModule):
         rank = self.global_rank
         train_tf = self.build_transform(train=self.hparams.augment)
         self.train = self.make_dataset(train_items, train_targets, train_idx, train_tf, rank)
+        if self.hparams.augment_seed is not None:
+            self.train.augment_seed = int(self.hparams.augment_seed)
         # Each dataset gets its own Compose: they must not share one RNG.
         val_tf, test_tf = self.build_transform(train=False), self.build_transform(train=False)
         self.val = self.make_dataset(train_items, train_targets, val_idx, val_tf, rank)

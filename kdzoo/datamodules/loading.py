@@ -3,7 +3,8 @@
 :class:`TransformedDataset` runs each item through an albumentations pipeline reseeded per item;
 :class:`ReseedingDataLoader` shuffles epoch ``e`` with a generator seeded from ``(seed, e)`` and
 tells the dataset the epoch, so the augmentation of item ``j`` in epoch ``e`` depends on
-``(seed, e, j)`` only, whatever the number of worker processes or ranks. Nothing here consumes
+``(seed, e, j)`` only, whatever the number of worker processes or ranks (of ``(augment_seed, e,
+j)`` only when the dataset has an :attr:`TransformedDataset.augment_seed`). Nothing here consumes
 the global RNG after the loader is built: a run resumed from a checkpoint (see
 :mod:`kdzoo.checkpointing`) sees the same batches as the run that was never interrupted.
 """
@@ -41,12 +42,22 @@ class TransformedDataset(Dataset, ABC):
     or rank that loads it nor on what was loaded before. Indexed directly, the dataset draws from
     one stream started by :meth:`reseed`, which mixes in ``rank`` (the trainer's global rank) so
     that DDP ranks, which share the seed of ``seed_everything``, draw different sequences.
+
+    With :attr:`augment_seed` set (exact replay, e.g. for a teacher-output cache), item ``j`` is
+    augmented from ``(augment_seed, e, j)`` instead, ``e`` being the epoch of the current
+    :attr:`stream` (0 without one), whatever the loader seed, and items are ``(image, target,
+    j)``; :meth:`view` gives the view of any epoch.
     """
 
     #: ``[loader seed, epoch]`` of the :class:`ReseedingDataLoader` reading this dataset (in shared
     #: memory with worker processes, so that persistent workers see every new epoch); ``None``
     #: while the dataset is only indexed directly.
     stream: torch.Tensor | None = None
+    #: Exact-replay mode when set: the augmentation of item ``j`` (underlying position) in epoch
+    #: ``e`` is a function of ``(augment_seed, e, j)`` only (the loader seed then only orders the
+    #: items), ``e`` being the :attr:`stream`'s epoch, or 0 when the dataset is indexed directly;
+    #: and items carry their sample id ``j`` as a third element.
+    augment_seed: int | None = None
 
     def __init__(
         self, targets: Any, transform: A.Compose, indices: Any = None, rank: int = 0
@@ -65,14 +76,45 @@ class TransformedDataset(Dataset, ABC):
         """Labels of the items in this dataset (after split and subset)."""
         return self._targets[self.indices]
 
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """The sample id of each item: its position in the underlying data (stable under the
+        train/val split, subsets and class selection); the ids batches carry with
+        :attr:`augment_seed`."""
+        return self.indices
+
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | tuple[torch.Tensor, int, int]:
         j = int(self.indices[i])
+        if self.augment_seed is not None:
+            epoch = 0 if self.stream is None else int(self.stream[1])
+            return self._replay(j, epoch)
         self.seed_item(j)
         image = self.transform(image=self.load_image(j))["image"]
         return image, int(self._targets[j])
+
+    def view(self, i: int, epoch: int) -> tuple[torch.Tensor, int, int]:
+        """``(image, target, sample id)`` of item ``i`` as training reads it in ``epoch`` with
+        :attr:`augment_seed` (what a loader at that epoch yields), leaving :attr:`stream` as it
+        is. Reseeds this process's augmentation RNG only, so it is safe in worker processes.
+
+        Raises:
+            DataError: if :attr:`augment_seed` is not set (the views are then not replayable).
+        """
+        if self.augment_seed is None:
+            raise DataError(
+                f"{type(self).__name__}.view needs augment_seed: without it the augmentation "
+                "depends on the loader's seed and cannot be replayed"
+            )
+        return self._replay(int(self.indices[i]), epoch)
+
+    def _replay(self, j: int, epoch: int) -> tuple[torch.Tensor, int, int]:
+        """Item ``j`` (underlying position) augmented from ``(augment_seed, epoch, j)``."""
+        self._seed_rngs(mix64(self.augment_seed, epoch, j))
+        image = self.transform(image=self.load_image(j))["image"]
+        return image, int(self._targets[j]), j
 
     @abstractmethod
     def load_image(self, j: int) -> np.ndarray:
@@ -96,7 +138,10 @@ class TransformedDataset(Dataset, ABC):
         if self.stream is None:
             return
         seed, epoch = self.stream.tolist()
-        state = mix64(seed, epoch, j)
+        self._seed_rngs(mix64(seed, epoch, j))
+
+    def _seed_rngs(self, state: int) -> None:
+        """Restart the pipeline's generators, in place, from the 64-bit ``state``."""
         self._np_rng.bit_generator.state = {
             "bit_generator": "PCG64",
             "state": {"state": state, "inc": mix64(state) | 1},

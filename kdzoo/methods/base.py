@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 
+from kdzoo.cache import CachedTeacher, CacheError
 from kdzoo.errors import ConfigError
 from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.backbone import Backbone, BackboneOutput
@@ -133,6 +134,10 @@ class DistillationModule(ClassificationModule):
     #: Whether the method compares teacher and student outputs class by class. When False,
     #: a teacher without ``num_classes`` keeps the number of classes its weights record.
     same_label_space: bool = True
+    #: What the method reads from the teacher, so that a teacher-output cache
+    #: (``teacher.cache``) can be checked to hold it: ``logits``, ``embedding_norm``,
+    #: ``embedding_class_means``, ``softmax_class_means`` (see :mod:`kdzoo.cache`).
+    teacher_outputs: tuple[str, ...] = ("logits",)
 
     def __init__(self, teacher: TeacherSpec, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -146,28 +151,63 @@ class DistillationModule(ClassificationModule):
                 f"{hp.num_classes}: remove teacher.num_classes (the teacher must be trained on "
                 "this data's classes)"
             )
-        self.teacher: Teacher = build_teacher(
-            teacher,
-            num_classes=hp.num_classes,
-            in_chans=hp.in_chans,
-            student_mean=self.mean,
-            student_std=self.std,
-            same_label_space=self.same_label_space,
-            requirement=(
-                f"{type(self).__name__}: teacher and student must predict the same classes"
-                if self.same_label_space
-                else None
-            ),
-        )
+        self.teacher: Teacher | CachedTeacher
+        if teacher.cache is not None:
+            self.teacher = CachedTeacher(
+                teacher.cache,
+                weights=teacher.weights,
+                name=teacher.name,
+                num_classes=teacher.num_classes or hp.num_classes,
+                needs=self.teacher_outputs,
+                method=type(self).__name__,
+            )
+            hp.teacher = {**asdict(teacher), "name": self.teacher.name}
+            return
+        # Building the teacher never moves torch's RNG (forked): what is drawn after it (the
+        # method's own layers, the loader seeds) is the same with a live teacher, a cached one
+        # (never built) or none.
+        with torch.random.fork_rng(devices=[]):
+            self.teacher = build_teacher(
+                teacher,
+                num_classes=hp.num_classes,
+                in_chans=hp.in_chans,
+                student_mean=self.mean,
+                student_std=self.std,
+                same_label_space=self.same_label_space,
+                requirement=(
+                    f"{type(self).__name__}: teacher and student must predict the same classes"
+                    if self.same_label_space
+                    else None
+                ),
+            )
         # Plain data in the checkpoint, so `torch.load(weights_only=True)` can read it back;
         # with the architecture read from the weights when teacher.name was left out.
-        hp.teacher = {**asdict(teacher), "name": self.teacher.backbone.name}
+        hp.teacher = {**asdict(teacher), "name": self.teacher.name}
 
     def result_names(self) -> dict[str, str]:
         return {"student": self.hparams.student, "teacher": self.hparams.teacher["name"]}
 
+    @property
+    def teacher_cached(self) -> bool:
+        """Whether the teacher's outputs come from a cache (``teacher.cache``)."""
+        return isinstance(self.teacher, CachedTeacher)
+
+    def setup(self, stage: str) -> None:
+        if self.teacher_cached and stage == "fit":
+            self.teacher.check_run(self.trainer.datamodule, self.trainer.max_epochs)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.teacher_cached:  # which samples, in which epoch, the cache must give
+            if not isinstance(batch, Sequence) or len(batch) < 3:
+                raise CacheError(
+                    "a teacher cache needs training batches that carry the sample ids: set "
+                    "--data.init_args.augment_seed to the cache's augment seed"
+                )
+            self.teacher.select(batch[2], self.current_epoch)
+
     def teacher_forward(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None
     ) -> BackboneOutput:
-        """The teacher's outputs for the student's batch (no autograd, eval mode)."""
+        """The teacher's outputs for the student's batch (no autograd, eval mode): computed, or
+        read from the teacher cache for the batch's samples in this epoch."""
         return self.teacher(x, indices=indices)

@@ -15,7 +15,8 @@ Followed from the code (the paper's text was not readable):
   warmed up (``warmup_nd=True`` gives the ImageNet DKD++ scripts' behaviour);
 * the teacher class means: per-class arithmetic means of the teacher's penultimate embedding over
   the whole training split **with the training augmentation**, teacher in eval mode, computed once
-  before training. The code's offline JSON rounds them to 4 decimals; kdzoo keeps full precision.
+  before training. The code's offline JSON rounds them to 4 decimals; kdzoo keeps the table
+  unrounded (accumulated in float64, used in the loss's precision).
   The code's pitfall of always loading one teacher's table (spec 1.7) is avoided: the table is
   computed from, and cached under a hash of, the configured teacher's weights;
 * the projector ``BatchNorm1d(d_s) -> Dropout(0.5) -> Linear(d_s, d_t)``, used for the ND term
@@ -23,7 +24,8 @@ Followed from the code (the paper's text was not readable):
   BatchNorm at weight 1 / bias 0, Linear at PyTorch's default with bias 0 (CIFAR code) or
   ``N(0, 0.01)`` weights and bias (``projector_init="normal"``, ImageNet code).
 
-Per-pair loss factors of the code are in ``configs/cifar100/nd/`` and ``configs/imagenet/nd/``.
+Per-pair loss factors of the code are in ``configs/cifar100/nd-{kd,dkd,dist}/`` and
+``configs/imagenet/nd-{kd,dkd}/``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kdzoo.cache import CacheError
 from kdzoo.losses.functional import dist_loss, dkd_loss, kd_loss, nd_loss
 from kdzoo.methods.base import DistillationModule
 from kdzoo.methods.statistics import ClassMeans, class_means_on_training_data
@@ -99,6 +102,7 @@ class ND(DistillationModule):
         'Regularizing Feature Norm and Direction". ECCV 2024, arXiv:2305.17007'
     )
     description = "KD++ / DKD++ / DIST++: feature norm and direction"
+    teacher_outputs = ("logits", "embedding_norm", "embedding_class_means")
 
     def __init__(
         self,
@@ -142,7 +146,7 @@ class ND(DistillationModule):
         self.loss_weights = self.epoch_weights(0)
 
         student_dim = self.student.embedding_dim
-        teacher_dim = self.teacher.backbone.embedding_dim
+        teacher_dim = self.teacher.embedding_dim
         self.projector: nn.Module = nn.Identity()
         if projector == "always" or student_dim != teacher_dim:
             self.projector = nd_projector(student_dim, teacher_dim, projector_init)
@@ -169,6 +173,14 @@ class ND(DistillationModule):
         self.loss_weights = self.epoch_weights(self.current_epoch)
 
     def on_fit_start(self) -> None:
+        if self.teacher_cached:  # the cache's table: over epoch 0's augmented views, float64
+            if not self.class_means_augment:
+                raise CacheError(
+                    "ND with class_means_augment=false needs class means over un-augmented "
+                    "images, which a teacher cache does not hold: use the live teacher"
+                )
+            self.class_means = self.teacher.statistic("embedding_class_means").to(self.device)
+            return
         self.class_means = class_means_on_training_data(
             self.trainer,
             lambda images: self.teacher_forward(images).embedding,
@@ -189,7 +201,8 @@ class ND(DistillationModule):
             "kd": self.base_loss(student.logits, teacher.logits, target),
             "nd": nd_loss(
                 self.projector(student.embedding),
-                teacher.embedding,
+                # A teacher cache stores only the norms, all the ND term reads.
+                teacher.embedding if teacher.embedding is not None else teacher.embedding_norm,
                 self._class_means_for(teacher.embedding, target),
                 target,
             ),

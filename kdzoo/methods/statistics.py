@@ -295,8 +295,10 @@ def table_key(
     settings = dict(getattr(datamodule, "hparams", None) or {})
     if not settings:
         return None
-    for name in (*_NOT_DATA, *(() if augment else ("augment",))):
+    for name in (*_NOT_DATA, *(() if augment else ("augment", "augment_seed"))):
         settings.pop(name, None)
+    if settings.get("augment_seed", 0) is None:  # keys of tables measured before the option
+        del settings["augment_seed"]
     data_class = f"{type(datamodule).__module__}.{type(datamodule).__qualname__}"
     return {
         "what": what,
@@ -355,7 +357,10 @@ def compute_once(
     if sharded and world_size > 1:
         found = trainer.strategy.broadcast(found, src=0)
     if found is None and (zero or sharded):
-        found = compute()
+        # Forked: computing a table never moves torch's RNG, so a run that reads it from disk,
+        # or a rank that does not compute it, draws what a run that computed it draws.
+        with torch.random.fork_rng(devices=[]):
+            found = compute()
         if zero:
             _save(path, found)
     if not sharded and world_size > 1:
@@ -501,12 +506,29 @@ def source_loader(
 
 
 def default_source_batch_size(module: Any, given: int | None, fallback: int = 200) -> int:
-    """``given``, else the batch size of the stream's datamodule (the benchmark's source batch
-    size equals the test batch size), else ``fallback`` (the benchmark's CIFAR 200)."""
+    """The source batch size of a TTA method: ``given``, else the test stream's batch size (the
+    benchmark's source batch size equals the test batch size), else ``fallback`` (the
+    benchmark's CIFAR 200, for a module driven by hand, outside a trainer).
+
+    One rule for ``kdzoo test`` and for ``trainer.test(module, ...)`` from Python: the stream's
+    batch size is the ``batch_size`` of the trainer's datamodule (its hyper-parameter, else its
+    attribute; ``trainer.test(module, datamodule=...)`` and the CLI), else the ``batch_size`` of
+    the trainer's first test dataloader (``trainer.test(module, dataloaders=...)``; a loader of
+    pre-batched items has none). Call it once the test loop has its data (``on_test_start``).
+    """
     if given is not None:
         check_at_least(1, source_batch_size=given)
         return given
     trainer = getattr(module, "_trainer", None)
-    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
-    size = getattr(datamodule, "hparams", {}).get("batch_size") if datamodule else None
+    if trainer is None:
+        return fallback
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        size = (getattr(datamodule, "hparams", None) or {}).get("batch_size")
+        size = size or getattr(datamodule, "batch_size", None)
+        if size:
+            return int(size)
+    loaders = getattr(trainer, "test_dataloaders", None)
+    loaders = loaders if isinstance(loaders, (list, tuple)) else [loaders]
+    size = getattr(loaders[0], "batch_size", None) if loaders else None
     return int(size) if size else fallback

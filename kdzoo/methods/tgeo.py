@@ -33,7 +33,11 @@ as in the released code, which also early-stops on it); so the validation accura
 checkpoints is slightly optimistic, as it is in the code. The test split is never used. The
 class-average teacher probabilities are computed over the training split before training (cached
 by teacher weights), never on the test set. Relation features and the MLP default to the released
-code's (``variant="released"``; the CIFAR code's with ``"cifar"``); ``T = 1`` as both codes.
+code's (``variant="released"``; the CIFAR code's with ``"cifar"``). Temperature: the released
+script defaults to ``--temperature 1.5`` and multiplies its KL by ``T^2`` (as
+:func:`~kdzoo.losses.functional.tgeo_loss` does); only the deleted CIFAR code runs at ``T = 1``.
+kdzoo's default and its configs (``configs/cifar100/tgeo/``, ``configs/fashion_mnist/tgeo/``)
+follow the CIFAR code, ``T = 1``; pass ``temperature: 1.5`` for the released script's setting.
 Inner steps, learning rates and the held-out size of the paper's appendix were not readable:
 ``fusion_lr`` and ``outer_every`` are kdzoo's choices.
 """
@@ -82,7 +86,8 @@ class TGeoKD(DistillationModule):
 
     Args:
         teacher: the frozen teacher (architecture + weights).
-        temperature: KL temperature ``T`` (both codes: 1).
+        temperature: KL temperature ``T`` (the deleted CIFAR code: 1, kdzoo's default; the
+            released script: 1.5, with the ``T^2`` factor).
         variant: ``"released"`` or ``"cifar"``: relation features and MLP of that code.
         fusion_lr: learning rate of the fusion network's parameter group (``None``: the
             optimiser's own).
@@ -101,6 +106,7 @@ class TGeoKD(DistillationModule):
         'Distillation". ICLR 2024, arXiv:2312.15112'
     )
     description = "trilateral-geometry fusion ratio"
+    teacher_outputs = ("logits", "softmax_class_means")
 
     def __init__(
         self,
@@ -131,6 +137,11 @@ class TGeoKD(DistillationModule):
 
     # ---- set-up ----------------------------------------------------------------------------
     def on_fit_start(self) -> None:
+        self._held_out = None
+        if self.teacher_cached:  # the cache's table: over epoch 0's augmented views, float64
+            table = self.teacher.statistic("softmax_class_means")
+            self.class_mean_teacher_probs = table.to(self.device)
+            return
         self.class_mean_teacher_probs = class_means_on_training_data(
             self.trainer,
             lambda images: self.teacher_forward(images).logits.float().softmax(dim=1),
@@ -139,7 +150,6 @@ class TGeoKD(DistillationModule):
             what="teacher-softmax",
             cache=self.class_means_cache,
         )
-        self._held_out = None
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The student's parameters, and the fusion network's (with ``fusion_lr`` if set)."""

@@ -28,14 +28,24 @@ class BackboneOutput:
 
     Attributes:
         logits: ``(N, num_classes)`` classifier outputs.
-        embedding: ``(N, D)`` pooled pre-logits features (what the classifier sees).
+        embedding: ``(N, D)`` pooled pre-logits features (what the classifier sees); ``None``
+            from a teacher cache, which stores only their norms.
         features: the requested intermediate maps, in the order of the requested indices
             (``NCHW`` for convolutional models; timm's ``forward_intermediates`` layout otherwise).
+        embedding_norm: ``(N,)`` norms of the embeddings, given by a teacher cache (see
+            :meth:`norms`).
     """
 
     logits: torch.Tensor
-    embedding: torch.Tensor
+    embedding: torch.Tensor | None
     features: list[torch.Tensor] = field(default_factory=list)
+    embedding_norm: torch.Tensor | None = None
+
+    def norms(self) -> torch.Tensor:
+        """``(N,)`` embedding norms: stored ones, else computed from the embeddings."""
+        if self.embedding_norm is not None:
+            return self.embedding_norm
+        return self.embedding.norm(dim=1)
 
 
 class Backbone(nn.Module):

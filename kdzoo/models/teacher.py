@@ -48,6 +48,8 @@ TIMM_PRETRAINED = "timm"
 #: The explicit ``weights`` value that keeps a frozen network's random initialisation (tests).
 RANDOM_INIT = "random"
 HUB_PREFIX = "hub:"
+#: The methods whose teacher can be a teacher-output cache (``TeacherSpec.cache``).
+CACHE_READERS = ("KD", "DKD", "DIST", "PLD", "ND", "TGeoKD")
 WEIGHT_SOURCES = (
     "a kdzoo checkpoint (.ckpt), an exported folder, a .safetensors/.pth file, hub:NAME or timm"
 )
@@ -76,6 +78,10 @@ class TeacherSpec:
             a method whose teacher may predict other classes, the number the weights record).
         model_kwargs: extra ``timm.create_model`` arguments; ``None``: those recorded with the
             weights (the run's ``student_kwargs``, the folder's ``model_args``), if any.
+        cache: a teacher-output cache made by ``kdzoo cache build`` from this teacher
+            (:mod:`kdzoo.cache`): the method reads the teacher's stored outputs for each batch
+            instead of running it, and the network is never built. The run must use the data,
+            transforms and ``augment_seed`` the cache was built with, and at most its epochs.
     """
 
     name: str | None = None
@@ -84,6 +90,7 @@ class TeacherSpec:
     std: tuple[float, ...] | None = None
     num_classes: int | None = None
     model_kwargs: dict[str, Any] | None = None
+    cache: str | None = None
 
 
 class Teacher(nn.Module):
@@ -134,6 +141,16 @@ class Teacher(nn.Module):
             self.register_buffer("shift", (s_mean - t_mean) / t_std, persistent=False)
         self.train(False)
 
+    @property
+    def name(self) -> str | None:
+        """The network's architecture (a timm name for classifier teachers)."""
+        return getattr(self.backbone, "name", None)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width of the teacher's pooled embedding."""
+        return self.backbone.embedding_dim
+
     def train(self, mode: bool = True) -> Teacher:
         # Lightning calls model.train() at every epoch start; a teacher never leaves eval mode
         # (BatchNorm statistics and dropout must stay those it was trained with).
@@ -169,7 +186,9 @@ def resolve_weights(weights: str) -> tuple[str, dict[str, Any]]:
 
 def _exported_folder(folder: Path) -> tuple[str, dict[str, Any]]:
     """The folder's weight file and what its config.json records: ``architecture``,
-    ``num_classes``, ``in_chans``, ``model_kwargs``, ``mean``, ``std``."""
+    ``num_classes``, ``in_chans``, ``model_kwargs``, ``mean``, ``std``; for a network that is
+    not a plain timm model, the run's hyper-parameters, ``mean``, ``std`` and ``not_timm`` (what
+    the network is)."""
     from kdzoo.hub.folder import read_config  # here: it imports kdzoo.models (package)
 
     weights, config = folder / "model.safetensors", folder / "config.json"
@@ -180,6 +199,18 @@ def _exported_folder(folder: Path) -> tuple[str, dict[str, Any]]:
         )
     recorded = read_config(config)
     cfg = recorded.get("pretrained_cfg") or {}
+    info = recorded.get("kdzoo") if isinstance(recorded.get("kdzoo"), dict) else {}
+    network = info.get("network") if isinstance(info.get("network"), dict) else {}
+    if not recorded.get("architecture") and network.get("plain_timm") is False:
+        # Not a plain timm model (a segmentation net, KC's student, ...): what the run's
+        # hyper-parameters record, as for a .ckpt, and what it is, so a classifier teacher
+        # refuses it by name (a segmentation teacher reads its architecture from them).
+        return str(weights), {
+            **dict(info.get("method_hparams") or {}),
+            "not_timm": network.get("description") or "not a plain timm model",
+            "mean": cfg.get("mean"),
+            "std": cfg.get("std"),
+        }
     model_args = dict(recorded.get("model_args") or {})
     return str(weights), {
         "architecture": recorded.get("architecture"),
@@ -274,12 +305,23 @@ def build_teacher_backbone(
         WeightsError: the file is missing, unreadable or unsafe, or does not fit (other
             classes, input channels or architecture).
     """
+    if spec.cache is not None:
+        raise ConfigError(
+            f"{field}.cache is set, but this method runs its {field} live (the methods that read "
+            f"a teacher cache: {', '.join(CACHE_READERS)}): remove {_option(field, 'cache')}"
+        )
     weights = spec.weights
     if weights is None:
         raise missing_weights_error(field, spec.name)
     path, recorded = None, {}
     if weights not in (RANDOM_INIT, TIMM_PRETRAINED):
         path, recorded = resolve_weights(weights)
+    if recorded.get("not_timm"):
+        raise WeightsError(
+            f"{field}.weights={weights} holds {recorded['not_timm']}: not a plain timm classifier, "
+            f"so it cannot be the {field}; export the checkpoint of a classification run "
+            "(Supervised, KD, ...) instead"
+        )
     name = _architecture(spec, recorded, field)
 
     def class_mismatch(file_classes: int) -> KDZooError:

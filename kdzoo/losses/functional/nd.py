@@ -34,12 +34,14 @@ def nd_loss(
     Args:
         student_embedding: ``(N, D)`` student features (after the projector when the student's
             width differs from the teacher's).
-        teacher_embedding: ``(N, D)`` teacher features of the same images (only their norms
-            are used).
+        teacher_embedding: ``(N, D)`` teacher features of the same images, or their ``(N,)``
+            norms (only the norms are used; a teacher cache stores only those).
         class_means: ``(C, D)`` teacher class-mean embeddings over the training set.
         target: ``(N,)`` class indices.
     """
-    if student_embedding.shape != teacher_embedding.shape:
+    per_sample = teacher_embedding.ndim == 1
+    expected = student_embedding.shape[:1] if per_sample else student_embedding.shape
+    if teacher_embedding.shape != expected:
         raise ValueError(
             f"student embedding {tuple(student_embedding.shape)} and teacher embedding "
             f"{tuple(teacher_embedding.shape)} differ: project the student to the teacher's width"
@@ -53,5 +55,7 @@ def nd_loss(
     f_s = student_embedding.to(dtype)
     centers = class_means.to(device=f_s.device, dtype=dtype)[target]
     unit_centers = centers / centers.norm(dim=1, keepdim=True)
-    norms = torch.maximum(f_s.norm(dim=1), teacher_embedding.to(dtype).norm(dim=1))
+    teacher_norms = teacher_embedding.to(dtype)
+    teacher_norms = teacher_norms if per_sample else teacher_norms.norm(dim=1)
+    norms = torch.maximum(f_s.norm(dim=1), teacher_norms)
     return (1.0 - (f_s * unit_centers).sum(dim=1) / norms).mean()
