@@ -37,3 +37,12 @@ def teacher_ckpt(tmp_path_factory: pytest.TempPathFactory):
     from cli_helpers import train_teacher
 
     return train_teacher(tmp_path_factory.mktemp("teacher"))
+
+
+@pytest.fixture(scope="session")
+def export_runs(tmp_path_factory):
+    """One small checkpoint of every method family (tests/export_helpers.py), shared by the
+    export tests."""
+    from export_helpers import build_runs
+
+    return build_runs(tmp_path_factory)

@@ -98,7 +98,7 @@ def test_fit_help_leads_with_what_to_do(tmp_path):
     head = "\n".join(out.splitlines()[:12])
     assert "--model NAME" in head and "kdzoo list" in head and "--ckpt_path last" in head
     subcommands = kdzoo("hub", "--help", cwd=tmp_path).stdout
-    assert "Export a kdzoo checkpoint's student" in subcommands
+    assert "Export the deployable network of a kdzoo checkpoint" in subcommands
 
 
 def test_runs_are_named_and_log_lines_reach_a_file(tmp_path):

@@ -3,9 +3,8 @@
 Checkpoints come from real, tiny ``lightning.Trainer`` fits: KD, ND and DKD runs built by
 :class:`~kdzoo.cli.KDCLI` in-process (so they hold what a ``kdzoo fit`` checkpoint holds: the
 method's and the datamodule's class paths and the ModelCheckpoint state) on scikit-learn's
-digits, 1x32x32 for the test_* nets and 3x32x32 for the CIFAR ``resnet8``; and a
-KnowledgeConcentration run built by the contract-test recipe, which export must refuse. The
-round trip is exact: the exported model's logits equal the trained student's, through
+digits, 1x32x32 for the test_* nets and 3x32x32 for the CIFAR ``resnet8``. The round trip is
+exact: the exported model's logits equal the trained student's, through
 ``kdzoo.hub.load_folder`` and through every plain-timm recipe of the generated model card.
 """
 
@@ -26,15 +25,12 @@ import timm
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from test_contract import TinyData, build
-from trainer_helpers import quiet_trainer
 
 import kdzoo.hub
 from kdzoo.cli import KDCLI
 from kdzoo.errors import KDZooError
 from kdzoo.hub.export import EXPORT_FILES, ExportError, export_checkpoint, validate_name
 from kdzoo.hub.loading import load_folder
-from kdzoo.methods import KnowledgeConcentration
 from kdzoo.models.weights import WeightsError
 
 pytestmark = pytest.mark.filterwarnings(
@@ -417,25 +413,6 @@ def test_failed_export_leaves_the_earlier_one_intact(runs, tmp_path, monkeypatch
 # ---- checkpoints that cannot be exported ----------------------------------------------------
 
 
-def test_knowledge_concentration_is_refused(tmp_path) -> None:
-    """KC's student classifies through its SC head, which timm.create_model cannot rebuild."""
-    L.seed_everything(0, verbose=False)
-    module = build(KnowledgeConcentration)
-    trainer = quiet_trainer(
-        tmp_path,
-        max_steps=1,
-        limit_val_batches=1,
-    )
-    trainer.fit(module, datamodule=TinyData())
-    (ckpt,) = tmp_path.rglob("*.ckpt")
-    out = tmp_path / "out"
-    with pytest.raises(ExportError, match="FC-SC head") as info:
-        export_checkpoint(ckpt, "test_efficientnet.kc_tiny", out)
-    message = str(info.value)
-    assert "KnowledgeConcentration" in message and "plain timm model" in message
-    assert not out.exists()
-
-
 def test_student_weights_that_do_not_fit_name_the_keys_and_the_likely_cause(tmp_path) -> None:
     """The strict-load explanation: the keys, and whether only the classifier differs."""
     from kdzoo.hub.export import _check_fits
@@ -458,18 +435,6 @@ def test_student_weights_that_do_not_fit_name_the_keys_and_the_likely_cause(tmp_
     del state["conv1.0.weight"]  # beyond the classifier: not a timm model at all
     with pytest.raises(ExportError, match="The student is not a plain timm model"):
         _check_fits(model, state, "test_resnet", None, ckpt)
-
-
-def test_segmentation_checkpoint_is_refused(tmp_path) -> None:
-    from kdzoo.methods import SegSupervised
-
-    module = SegSupervised(student="test_resnet", num_classes=4, head="fcn")
-    path = tmp_path / "seg.ckpt"
-    hparams = {**module.hparams, "_class_path": "kdzoo.methods.SegSupervised"}
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": hparams}, path)
-    with pytest.raises(ExportError, match="SegSupervised is a segmentation network"):
-        export_checkpoint(path, "test_resnet.seg", tmp_path / "out")
-    assert not (tmp_path / "out").exists()
 
 
 def test_not_a_kdzoo_checkpoint_is_refused(tmp_path) -> None:

@@ -1,13 +1,14 @@
 """The checkpoint hub: export a trained student, publish it in a manifest, download, verify, load.
 
 * :func:`export_checkpoint` turns a kdzoo Lightning checkpoint into a publishable folder
-  (``model.safetensors`` with the student only, timm-compatible ``config.json``, a model card and a
-  ready-to-paste manifest entry);
+  (``model.safetensors`` with the deployable network only, timm-compatible ``config.json``, a
+  model card, a ready-to-paste manifest entry, and optionally a checked ``model.onnx``);
 * ``checkpoints/manifest.yaml`` lists the published checkpoints (:mod:`kdzoo.hub.manifest`);
 * :func:`download` fetches an entry into ``$KDZOO_HOME/hub/<name>/``, verifying every file's
   sha256 before it is moved into place (:mod:`kdzoo.hub.fetch`); :func:`verify` re-hashes the
   cache;
-* :func:`load` returns a plain timm model (eval mode) from a local folder or a manifest name.
+* :func:`load` returns the network (eval mode) from a local folder or a manifest name: a plain
+  timm model, or kdzoo's rebuild of a network that is not one.
 
 Nothing here unpickles: published artifacts are safetensors, and Lightning checkpoints are read
 with ``torch.load(weights_only=True)`` (:func:`kdzoo.models.weights.safe_torch_load`).
@@ -68,9 +69,10 @@ def __dir__() -> list[str]:
 
 
 def load(name_or_path: str | Path, *, manifest_path: str | Path | None = None) -> nn.Module:
-    """A ready timm model in eval mode: from an exported folder (or its ``model.safetensors``)
-    when ``name_or_path`` exists on disk, else from the hub entry of that name (downloaded and
-    verified once, then served from the cache)."""
+    """A ready network in eval mode (a timm model when the export is one; otherwise the module
+    whose forward gives the deployed prediction): from an exported folder (or its
+    ``model.safetensors``) when ``name_or_path`` exists on disk, else from the hub entry of that
+    name (downloaded and verified once, then served from the cache)."""
     from kdzoo.hub.fetch import download
     from kdzoo.hub.loading import load_folder
 

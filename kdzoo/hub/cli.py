@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
 
 from jsonargparse import ArgumentParser
 
@@ -14,11 +16,19 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="kdzoo hub", description="The kdzoo checkpoint hub.")
     commands = parser.add_subcommands()
 
-    export = ArgumentParser(description="Export a kdzoo checkpoint's student as a hub folder.")
+    export = ArgumentParser(
+        description="Export the deployable network of a kdzoo checkpoint as a hub folder."
+    )
     export.add_argument("--ckpt_path", type=Path, required=True, help="a kdzoo .ckpt")
     export.add_argument("--name", type=str, required=True, help="timm arch.tag, e.g. resnet8.kd_x")
     export.add_argument("--out", type=Path, required=True, help="folder to create")
     export.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    export.add_argument(
+        "--format",
+        type=Literal["safetensors", "onnx"],
+        default="safetensors",
+        help="onnx: add model.onnx, checked against PyTorch with onnxruntime (kdzoo[onnx])",
+    )
     commands.add_subcommand("export", export, help=export.description)
 
     for name, text in (
@@ -43,8 +53,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     command = cfg.subcommand
     args = cfg[command]
     if command == "export":
-        out = hub.export_checkpoint(args.ckpt_path, args.name, args.out, overwrite=args.overwrite)
+        out = hub.export_checkpoint(
+            args.ckpt_path, args.name, args.out, overwrite=args.overwrite, format=args.format
+        )
+        config = json.loads((out / "config.json").read_text())
+        network = config["kdzoo"]["network"]
         print(f"exported {args.name} to {out}")
+        if not network["plain_timm"]:
+            print(f"not a plain timm model: {network['description']}")
+        onnx = config["kdzoo"].get("onnx")
+        if onnx:
+            check = onnx["check"]
+            print(
+                f"{onnx['file']}: max |onnxruntime - torch| = {check['max_abs_diff']:.3g} on "
+                f"random batches of {', '.join(map(str, check['batch_sizes']))} "
+                f"(tolerance {check['tolerance']:.3g})"
+            )
         print(f"load it: kdzoo.hub.load({str(out)!r}); publish it: see {out / 'README.md'}")
     elif command == "list":
         print(manifest_table(args.manifest))

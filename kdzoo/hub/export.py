@@ -1,17 +1,29 @@
-"""Export the student of a kdzoo training run as a publishable, plain-timm folder.
+"""Export the deployable network of a kdzoo training run as a publishable folder.
 
-A Lightning ``.ckpt`` is for resuming training: it holds optimiser state, method-only modules
-(projectors, fusion nets) and pickled metadata. What gets published is the student alone, in the
-format timm itself reads (the layout of ``timm.models.push_to_hf_hub``), so nobody needs kdzoo, or
-has to unpickle anything, to use it:
+A Lightning ``.ckpt`` is for resuming training: it holds optimiser state, teachers' settings,
+method-only modules (projectors, fusion nets) and pickled metadata. What gets published is the
+network the method declares deployable (:meth:`~kdzoo.methods.module.KDZooModule.deployable`:
+the student, or the evaluated network) alone. A plain timm student is written in the format timm
+itself reads (the layout of ``timm.models.push_to_hf_hub``), so nobody needs kdzoo, or has to
+unpickle anything, to use it:
 
 * ``model.safetensors``: the state dict of ``timm.create_model(architecture, ...)``;
 * ``config.json``: timm's hub config (``architecture``, ``num_classes``, ``model_args``,
   ``pretrained_cfg`` with the input size and normalisation the student was trained with) plus a
-  ``kdzoo`` section: method, teacher, dataset, metrics, the source checkpoint's sha256;
+  ``kdzoo`` section: method, its hyper-parameters, teacher, dataset, metrics, the network, the
+  source checkpoint's sha256;
 * ``README.md``: a generated model card with the loading recipes (kdzoo and plain timm);
 * ``manifest_entry.yaml``: the entry to paste into ``checkpoints/manifest.yaml`` once the files
-  are uploaded.
+  are uploaded;
+* ``model.onnx`` with ``format="onnx"``: the deployed network as ONNX, written only once
+  onnxruntime has reproduced PyTorch's outputs on a random batch (:mod:`kdzoo.hub.onnx_export`).
+
+Any other network (a segmentation net, KC's student with its FC-SC head, a paired-modality net,
+DHO's two-head student, a test-time-adapted model on batch statistics) is written the same way,
+its state dict in ``model.safetensors``, but ``config.json`` has ``"architecture": null`` and
+``kdzoo.network.built_by`` names the method class whose ``deployable(kdzoo.method_hparams)``
+rebuilds it: :func:`kdzoo.hub.load` gives it back, and the card says it is not a timm model.
+The export builds it from those recorded hyper-parameters too, so what loads here loads there.
 
 The checkpoint is read with ``torch.load(weights_only=True)`` only
 (:func:`~kdzoo.models.weights.safe_torch_load`); the folder is written into a temporary sibling
@@ -21,6 +33,7 @@ earlier one.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib
 import json
@@ -30,7 +43,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +57,21 @@ import kdzoo.models  # registers the CIFAR nets, so their names resolve in timm
 from kdzoo.errors import KDZooError
 from kdzoo.hub.card import WEIGHTS_FILE, model_card
 from kdzoo.hub.manifest import ManifestError, check_name
+from kdzoo.hub.onnx_export import ONNX_FILE, OnnxError, export_onnx
 from kdzoo.methods.module import METHOD_KEY, Deployable, KDZooModule
 from kdzoo.models.weights import WeightsError, load_strictly, safe_torch_load
 
-__all__ = ["EXPORT_FILES", "ExportError", "export_checkpoint", "validate_name"]
+__all__ = ["EXPORT_FILES", "FORMATS", "ExportError", "export_checkpoint", "validate_name"]
 
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 MANIFEST_ENTRY_FILE = "manifest_entry.yaml"
-#: Every file an export writes; a folder holding only these may be replaced with ``overwrite``.
+#: Every file an export writes (``format="onnx"`` adds ``model.onnx``); a folder holding only
+#: these (and ``model.onnx``) may be replaced with ``overwrite``.
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, CARD_FILE, MANIFEST_ENTRY_FILE)
+_REPLACEABLE_FILES = (*EXPORT_FILES, ONNX_FILE)
+#: ``format`` of :func:`export_checkpoint`: the safetensors folder, or that plus ``model.onnx``.
+FORMATS = ("safetensors", "onnx")
 
 # timm's tag grammar as kdzoo publishes it: lower-case letters, digits, "_" and "-" (no dots, so
 # `arch.tag` splits unambiguously the way timm's split_model_name_tag splits it; no "/", so a
@@ -63,29 +81,42 @@ _TAG = re.compile(r"[a-z0-9][a-z0-9_-]*")
 # preprocessing and still hold for the exported weights (the weight source, licence, paper and
 # label fields of timm's own checkpoints do not).
 _KEPT_CFG_KEYS = ("interpolation", "crop_pct", "crop_mode", "fixed_input_size", "first_conv")
+# Datamodule hyper-parameters giving the training input size, in order of preference.
+_SIZE_KEYS = ("image_size", "crop_size", "canvas_size")
 
 
 class ExportError(KDZooError, ValueError):
-    """A checkpoint cannot be exported as asked: not a kdzoo classification run, a student that
-    is not a plain timm model, a name outside timm's ``arch.tag`` grammar, or an output folder
-    that holds something an export must not replace."""
+    """A checkpoint cannot be exported as asked: not a kdzoo run, weights that do not fit the
+    network its method declares, a name outside timm's ``arch.tag`` grammar, an output folder
+    that holds something an export must not replace, or an ONNX graph that onnxruntime does not
+    run as PyTorch does."""
 
 
 def export_checkpoint(
-    ckpt_path: str | os.PathLike, name: str, out: str | os.PathLike, *, overwrite: bool = False
+    ckpt_path: str | os.PathLike,
+    name: str,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    format: str = "safetensors",
 ) -> Path:
-    """Write the student of ``ckpt_path`` as a hub folder ``out`` and return ``out``.
+    """Write the deployable network of ``ckpt_path`` as a hub folder ``out`` and return ``out``.
 
     Prints nothing. See the module docstring for the files written.
 
     Args:
-        ckpt_path: a Lightning checkpoint of a kdzoo classification method (``kdzoo fit``).
+        ckpt_path: a Lightning checkpoint of a kdzoo method (``kdzoo fit``; best, last, or one a
+            stopped run left behind).
         name: the published name, ``<architecture>.<tag>`` with the checkpoint's student
-            architecture, e.g. ``resnet8x4.kd_resnet32x4_cifar100`` (see :func:`validate_name`).
+            architecture (for a network that is not a plain timm model, the timm backbone it is
+            built on), e.g. ``resnet8x4.kd_resnet32x4_cifar100`` (see :func:`validate_name`).
         out: the folder to create. An existing empty folder is filled; a non-empty one is only
             replaced with ``overwrite=True``, and only if it holds nothing but the files of an
             earlier export (:data:`EXPORT_FILES`).
         overwrite: replace an earlier export in ``out``.
+        format: ``"safetensors"``, or ``"onnx"`` to add ``model.onnx``, written only if
+            onnxruntime reproduces PyTorch's outputs (:mod:`kdzoo.hub.onnx_export`); the check
+            is recorded in ``config.json`` under ``kdzoo.onnx``.
 
     Raises:
         WeightsError: the checkpoint is missing or holds pickled objects other than tensors and
@@ -93,6 +124,8 @@ def export_checkpoint(
         ExportError: see :class:`ExportError`.
     """
     ckpt_path, out = Path(ckpt_path), Path(out)
+    if format not in FORMATS:
+        raise ExportError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     checkpoint = safe_torch_load(ckpt_path)
     if not isinstance(checkpoint, Mapping) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise ExportError(
@@ -104,8 +137,12 @@ def export_checkpoint(
     method_cls = _method_class(class_path, ckpt_path)
     method = method_cls.__name__
     deployable = _deployable(method_cls, hparams, ckpt_path)
+    if not deployable.timm_model:
+        # Built again from the hyper-parameters as config.json records them, which is how
+        # kdzoo.hub.load rebuilds it: what is checked here is what a user will get.
+        deployable = _deployable(method_cls, rebuild_hparams(hparams), ckpt_path)
     architecture, model_args = deployable.architecture, dict(deployable.model_args)
-    validate_name(name, architecture)
+    validate_name(name, deployable.name_stem)
     _check_destination(out, overwrite)
     try:
         json.dumps(model_args)
@@ -115,20 +152,53 @@ def export_checkpoint(
             f"not rebuild the model ({err})"
         ) from err
 
-    prefix = deployable.prefix
-    state = {
-        key[len(prefix) :]: value
-        for key, value in checkpoint["state_dict"].items()
-        if key.startswith(prefix)
-    }
+    state = _network_state(checkpoint["state_dict"], deployable)
     if not state:
-        raise ExportError(f"{ckpt_path} holds no student weights (no '{prefix}*' keys)")
-    model = deployable.network
-    _check_fits(model, state, architecture, method, ckpt_path)
+        raise ExportError(f"{ckpt_path} holds no student weights (no '{deployable.prefix}*' keys)")
+    if deployable.timm_model:
+        _check_fits(deployable.network, state, architecture, method, ckpt_path)
+    else:
+        try:
+            load_strictly(
+                deployable.network,
+                state,
+                what="its weights",
+                into=f"the network {method}.deployable rebuilds ({deployable.reason})",
+            )
+        except WeightsError as err:
+            raise ExportError(f"cannot export {ckpt_path}: {err}") from None
 
     config = _config(checkpoint, hparams, deployable, name, method_cls, ckpt_path)
-    _write_atomically(out, state, config, name, overwrite)
+    onnx = None
+    if format == "onnx":
+        onnx = functools.partial(_write_onnx, deployable=deployable, config=config, ckpt=ckpt_path)
+    _write_atomically(out, state, config, name, overwrite, onnx)
     return out
+
+
+def rebuild_hparams(hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The method's hyper-parameters as ``config.json`` records them (``kdzoo.method_hparams``:
+    JSON data, without the teacher and LightningCLI's ``_`` keys); ``deployable`` of the method
+    class rebuilds a network that is not a plain timm model from them."""
+    plain = _plain({k: v for k, v in hparams.items() if not k.startswith("_") and k != "teacher"})
+    return json.loads(json.dumps(plain))
+
+
+def _network_state(
+    state_dict: Mapping[str, torch.Tensor], deployable: Deployable
+) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors of the deployable network, its prefix stripped.
+
+    A network kept at the module's root (prefix ``""``, e.g. DHO's backbone and heads) takes only
+    the keys of its own top-level submodules, so a teacher, a connector or a projector that the
+    checkpoint holds beside it never reaches the export.
+    """
+    prefix = deployable.prefix
+    state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not prefix:
+        own = {key.split(".", 1)[0] for key in deployable.network.state_dict()}
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] in own}
+    return state
 
 
 def validate_name(name: str, architecture: str) -> None:
@@ -190,7 +260,7 @@ def _check_destination(out: Path, overwrite: bool) -> None:
             "choose a new folder, or pass overwrite=True (`--overwrite`) to replace an earlier "
             "export"
         )
-    foreign = [e for e in entries if e not in EXPORT_FILES]
+    foreign = [e for e in entries if e not in _REPLACEABLE_FILES]
     if foreign:
         raise ExportError(
             f"output folder {out} holds files an export does not write ({', '.join(foreign[:5])}): "
@@ -242,34 +312,48 @@ def _config(
     method_cls: type[KDZooModule],
     ckpt_path: Path,
 ) -> dict[str, Any]:
-    """timm's hub config for the student, plus kdzoo's provenance section."""
+    """timm's hub config for the network, plus kdzoo's provenance section.
+
+    For a network that is not a plain timm model, ``architecture`` is ``null`` and
+    ``kdzoo.network`` names the method class whose ``deployable(kdzoo.method_hparams)`` rebuilds
+    it (what :func:`kdzoo.hub.load` does).
+    """
     model, model_args = deployable.network, dict(deployable.model_args)
-    num_classes, in_chans = model.num_classes, model_args["in_chans"]
+    num_classes = int(getattr(model, "num_classes", None) or hparams["num_classes"])
     data = dict(checkpoint.get("datamodule_hyper_parameters") or {})
     data_path = data.get("_class_path")
     data_cls = _kdzoo_class(data_path)
     timm_cfg = dict(getattr(model, "pretrained_cfg", None) or {})
-    size, crop_pct = _input_size(data, data_cls, hparams, timm_cfg)
-    pretrained_cfg = {k: timm_cfg[k] for k in _KEPT_CFG_KEYS if timm_cfg.get(k) is not None}
-    if crop_pct is not None:
-        pretrained_cfg["crop_pct"] = crop_pct
-        # kdzoo's datamodules resize with albumentations' default, cv2 INTER_LINEAR.
-        pretrained_cfg["interpolation"] = "bilinear"
-    classifier = timm_cfg.get("classifier")
-    if classifier:
-        pretrained_cfg["classifier"] = classifier
-    pretrained_cfg.update(
-        input_size=[in_chans, *size],
-        mean=_normalisation(hparams.get("mean"), timm_cfg.get("mean"), in_chans),
-        std=_normalisation(hparams.get("std"), timm_cfg.get("std"), in_chans),
-        num_classes=num_classes,
-    )
+    if deployable.inputs is not None:  # not images: the datamodule's own preprocessing
+        shapes = [[int(s) for s in shape] for shape in deployable.inputs]
+        pretrained_cfg: dict[str, Any] = {"num_classes": num_classes}
+        if len(shapes) == 1:
+            pretrained_cfg["input_size"] = shapes[0]
+    else:
+        in_chans = int(model_args["in_chans"])
+        size, crop_pct = _input_size(data, data_cls, hparams, timm_cfg)
+        pretrained_cfg = {k: timm_cfg[k] for k in _KEPT_CFG_KEYS if timm_cfg.get(k) is not None}
+        if crop_pct is not None:
+            pretrained_cfg["crop_pct"] = crop_pct
+            # kdzoo's datamodules resize with albumentations' default, cv2 INTER_LINEAR.
+            pretrained_cfg["interpolation"] = "bilinear"
+        classifier = timm_cfg.get("classifier")
+        if classifier and deployable.timm_model:
+            pretrained_cfg["classifier"] = classifier
+        pretrained_cfg.update(
+            input_size=[in_chans, *size],
+            mean=_normalisation(hparams.get("mean"), timm_cfg.get("mean"), in_chans),
+            std=_normalisation(hparams.get("std"), timm_cfg.get("std"), in_chans),
+            num_classes=num_classes,
+        )
+        shapes = [pretrained_cfg["input_size"]]
     metrics, best_in_run = _scores(checkpoint, ckpt_path.name)
     teacher = hparams.get("teacher")
+    num_features = getattr(model, "num_features", None)
     return {
-        "architecture": deployable.architecture,
+        "architecture": deployable.architecture or None,
         "num_classes": num_classes,
-        "num_features": int(model.num_features),
+        "num_features": int(num_features) if isinstance(num_features, int) else None,
         "model_args": model_args,
         "pretrained_cfg": pretrained_cfg,
         "kdzoo": _plain(
@@ -278,8 +362,17 @@ def _config(
                 "method": method_cls.__name__,
                 "method_class": hparams.get("_class_path"),
                 "citation": method_cls.citation or None,
-                "method_hparams": {
-                    k: v for k, v in hparams.items() if not k.startswith("_") and k != "teacher"
+                "method_hparams": rebuild_hparams(hparams),
+                "network": {
+                    "plain_timm": deployable.timm_model,
+                    "description": deployable.reason or f"a plain timm {deployable.architecture}",
+                    "class": f"{type(deployable.deployed).__module__}."
+                    f"{type(deployable.deployed).__qualname__}",
+                    "backbone": deployable.name_stem,
+                    # ``deployable(method_hparams)`` of this class rebuilds the network.
+                    "built_by": f"{method_cls.__module__}.{method_cls.__qualname__}",
+                    "inputs": shapes,
+                    "any_size": deployable.any_size,
                 },
                 "teacher": dict(teacher) if isinstance(teacher, Mapping) else None,
                 "dataset": data_path.rsplit(".", 1)[-1] if isinstance(data_path, str) else None,
@@ -325,21 +418,16 @@ def _method_class(class_path: Any, ckpt_path: Path) -> type[KDZooModule]:
 def _deployable(
     method_cls: type[KDZooModule], hparams: Mapping[str, Any], ckpt_path: Path
 ) -> Deployable:
-    """The network the method declares deployable; only plain timm networks are written."""
+    """The network the method declares deployable for these hyper-parameters."""
     try:
-        deployable = method_cls.deployable(hparams)
-    except (KeyError, TypeError) as err:
+        return method_cls.deployable(hparams)
+    except (KeyError, TypeError, ValueError) as err:
         raise ExportError(
             f"{ckpt_path}: its hyper-parameters do not describe a {method_cls.__name__} student "
             f"({type(err).__name__}: {err})"
         ) from err
-    if not deployable.timm_model:
-        raise ExportError(
-            f"cannot export {ckpt_path}: the deployable network of {method_cls.__name__} is "
-            f"{deployable.reason}; kdzoo hub export writes plain timm models only (use the "
-            ".ckpt with kdzoo test / predict)"
-        )
-    return deployable
+    except NotImplementedError as err:
+        raise ExportError(f"cannot export {ckpt_path}: {err}") from err
 
 
 def _kdzoo_class(class_path: Any) -> type | None:
@@ -362,7 +450,8 @@ def _input_size(
 ) -> tuple[list[int], float | None]:
     """``[H, W]`` the student was fed, and the eval crop fraction when the datamodule's is known.
 
-    Sources in order: the datamodule's ``image_size`` hyper-parameter; its class's
+    Sources in order: the datamodule's ``image_size`` (``crop_size``, ``canvas_size``)
+    hyper-parameter; its class's
     ``native_size`` (kdzoo's small-image datasets, fed whole at their native size when
     ``image_size`` is None); ``student_kwargs['img_size']``; timm's default for the architecture.
     kdzoo datamodules with a fixed native size resize the whole image (crop 1.0); others (e.g.
@@ -370,7 +459,9 @@ def _input_size(
     """
     native = getattr(data_cls, "native_size", None)
     crop_pct = 1.0 if native else None
-    size = data.get("image_size") or native or (hparams.get("student_kwargs") or {}).get("img_size")
+    # Segmentation datamodules train on crops (``crop_size``; the mosaics' whole canvas).
+    given = next((data[k] for k in _SIZE_KEYS if data.get(k)), None)
+    size = given or native or (hparams.get("student_kwargs") or {}).get("img_size")
     if size is None:
         return [int(s) for s in timm_cfg.get("input_size", (3, 224, 224))[1:]], crop_pct
     if isinstance(size, int):
@@ -457,14 +548,18 @@ def _write_atomically(
     config: dict[str, Any],
     name: str,
     overwrite: bool,
+    extra: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write the folder into a temporary sibling of ``out``, then rename it into place."""
+    """Write the folder into a temporary sibling of ``out``, then rename it into place;
+    ``extra(folder)`` adds files (and may update ``config``) before config.json is written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
     try:
         # clone(): a checkpoint may hold views of one storage, which safetensors refuses.
         tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        if extra is not None:
+            extra(tmp)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         (tmp / CARD_FILE).write_text(model_card(config, out))
         (tmp / MANIFEST_ENTRY_FILE).write_text(_manifest_entry(config, tmp, name))
@@ -479,6 +574,23 @@ def _write_atomically(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_onnx(
+    folder: Path, *, deployable: Deployable, config: dict[str, Any], ckpt: Path
+) -> None:
+    """``model.onnx`` of the deployed network, checked against PyTorch (see
+    :mod:`kdzoo.hub.onnx_export`); the check goes into ``config["kdzoo"]["onnx"]``."""
+    try:
+        record = export_onnx(
+            deployable.deployed,
+            config["kdzoo"]["network"]["inputs"],
+            folder / ONNX_FILE,
+            any_size=deployable.any_size,
+        )
+    except OnnxError as err:
+        raise ExportError(f"cannot export {ckpt} as ONNX, nothing was written: {err}") from err
+    config["kdzoo"]["onnx"] = record
 
 
 def _replace(new: Path, out: Path) -> None:
@@ -512,11 +624,13 @@ def _manifest_entry(config: Mapping[str, Any], folder: Path, name: str) -> str:
         "urls": [],
         "files": {
             f: {"sha256": _sha256(folder / f), "size": (folder / f).stat().st_size}
-            for f in (WEIGHTS_FILE, CONFIG_FILE)
+            for f in (WEIGHTS_FILE, CONFIG_FILE, ONNX_FILE)
+            if (folder / f).is_file()
         },
-        "architecture": config["architecture"],
+        # For a network that is not a plain timm model: the timm backbone it is built on.
+        "architecture": config["architecture"] or info["network"]["backbone"],
         "num_classes": config["num_classes"],
-        "in_chans": config["model_args"]["in_chans"],
+        "in_chans": config["model_args"].get("in_chans"),
         "metrics": metrics,
         "config": None,
         "method": info["method"],
@@ -531,4 +645,6 @@ def _manifest_entry(config: Mapping[str, Any], folder: Path, name: str) -> str:
         "# metrics: this checkpoint's monitored validation metrics (top-k in %); empty when the\n"
         "# checkpoint (e.g. last.ckpt) does not record its own score.\n"
     )
+    if entry["in_chans"] is None:  # not an image network: the manifest's field is optional
+        del entry["in_chans"]
     return header + yaml.safe_dump(entry, sort_keys=False)

@@ -260,8 +260,7 @@ class DualHeadDistillation(KDZooModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``log p~`` of the fused prediction: logits whose softmax is ``combined_probs``."""
         ce_logits, kd_logits, _ = self.heads(x)
-        probs = self.combined_probs(ce_logits, kd_logits, self.alpha, self.beta)
-        return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
+        return fused_log_probs(ce_logits, kd_logits, self.alpha, self.beta)
 
     # ---- training -----------------------------------------------------------------------------
     def loss_terms(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -329,8 +328,17 @@ class DualHeadDistillation(KDZooModule):
             alpha=float(hparams.get("alpha", 0.5)),
             beta=float(hparams.get("beta", 1.0)),
         )
-        reason = "a timm backbone with DHO's two heads, predicting their fused probabilities"
-        return Deployable(network, prefix="", reason=reason)
+        reason = (
+            f"a timm {hparams['student']} backbone with DHO's two heads, returning the log of "
+            "their fused probabilities (logits whose softmax is the fused prediction)"
+        )
+        return Deployable(
+            network,
+            prefix="",
+            model_args={"in_chans": int(hparams.get("in_chans") or 3)},
+            reason=reason,
+            backbone=str(hparams["student"]).split(".")[0],
+        )
 
     def result_names(self) -> dict[str, str]:
         teacher = self.hparams.get("teacher") or {}
@@ -339,8 +347,9 @@ class DualHeadDistillation(KDZooModule):
 
 class DualHeadStudent(nn.Module):
     """The deployed DHO student: backbone, CE head and KD head (named as in the module, so a
-    checkpoint's ``student.*``, ``ce_head.*``, ``kd_head.*`` load into it), returning the fused
-    probabilities ``(1 - alpha) softmax(h_ce) + alpha softmax(h_kd / beta)``."""
+    checkpoint's ``student.*``, ``ce_head.*``, ``kd_head.*`` load into it), returning what
+    :meth:`DualHeadDistillation.forward` returns: ``log p~``, the log of the fused probabilities
+    ``p~ = (1 - alpha) softmax(h_ce) + alpha softmax(h_kd / beta)``."""
 
     def __init__(self, student: nn.Module, num_classes: int, alpha: float, beta: float) -> None:
         super().__init__()
@@ -349,10 +358,13 @@ class DualHeadStudent(nn.Module):
         self.ce_head = nn.Linear(width, num_classes)
         self.kd_head = nn.Linear(width, num_classes)
         self.alpha, self.beta = alpha, beta
+        self.num_classes = num_classes
+        # The backbone's input size and normalisation, where timm's data helpers look.
+        self.pretrained_cfg = dict(getattr(student, "pretrained_cfg", None) or {})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feature = self.student(x)
-        return fused_probs(self.ce_head(feature), self.kd_head(feature), self.alpha, self.beta)
+        return fused_log_probs(self.ce_head(feature), self.kd_head(feature), self.alpha, self.beta)
 
 
 def fused_probs(
@@ -363,6 +375,15 @@ def fused_probs(
     p_ce = ce_logits.to(dtype).softmax(dim=-1)
     p_kd = (kd_logits.to(dtype) / beta).softmax(dim=-1)
     return (1.0 - alpha) * p_ce + alpha * p_kd
+
+
+def fused_log_probs(
+    ce_logits: torch.Tensor, kd_logits: torch.Tensor, alpha: float, beta: float
+) -> torch.Tensor:
+    """``log p~`` of :func:`fused_probs`, ``p~`` clamped at the dtype's smallest normal number
+    (a class both heads rule out has a finite logit)."""
+    probs = fused_probs(ce_logits, kd_logits, alpha, beta)
+    return probs.clamp_min(torch.finfo(probs.dtype).tiny).log()
 
 
 def _headless_student(

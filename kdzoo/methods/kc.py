@@ -147,10 +147,20 @@ class KnowledgeConcentration(ClassificationModule):
 
     @classmethod
     def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
-        network = super().deployable(hparams).network
+        timm_student = super().deployable(hparams)
+        network = timm_student.network
         _install_sc_head(network, hparams)
-        reason = "a timm model whose classifier is KC's FC-SC head (kdzoo.models.SCHead)"
-        return Deployable(network, prefix="student.model.", reason=reason)
+        reason = (
+            f"a timm {timm_student.architecture} whose classifier is KC's FC-SC head "
+            "(kdzoo.models.SCHead), returning class logits"
+        )
+        return Deployable(
+            network,
+            prefix="student.model.",
+            model_args=timm_student.model_args,
+            reason=reason,
+            backbone=timm_student.architecture.split(".")[0],
+        )
 
     def result_names(self) -> dict[str, str]:
         specialists = " + ".join(spec["name"] for spec in self.hparams.specialists)

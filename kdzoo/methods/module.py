@@ -40,12 +40,28 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode",
 class Deployable:
     """What ``kdzoo hub export`` writes for a checkpoint of a method.
 
+    A plain timm network (``architecture`` set) is published so that ``timm.create_model`` reads
+    it back. Any other network is published with ``config.json`` naming the method class whose
+    ``deployable(hparams)`` rebuilds it, so ``kdzoo.hub.load`` gives it back.
+
     Attributes:
-        network: a freshly built network of the checkpoint's architecture (random weights).
+        network: a freshly built network of the checkpoint's architecture (random weights); its
+            state dict is what the export writes.
         prefix: the prefix of its keys in the checkpoint's ``state_dict`` (e.g. ``"student."``).
         architecture: the ``timm.create_model`` name of a plain timm network, else ``""``.
-        model_args: the other ``timm.create_model`` arguments (``in_chans``, ...), JSON data.
-        reason: what the network is when it is not a plain timm model.
+        model_args: JSON data: the other ``timm.create_model`` arguments of a timm network
+            (``in_chans``, ...); for another network taking images, ``in_chans``.
+        reason: what the network is, and what it returns, when it is not a plain timm model
+            (the model card says it).
+        backbone: the timm architecture a network that is not a plain timm model is built on
+            (the ``arch`` of its hub name ``arch.tag``).
+        predictor: ``network`` wrapped so that ``forward`` returns the deployed prediction,
+            when ``network``'s own forward returns more (a segmentation net's outputs); it
+            shares ``network``'s parameters.
+        inputs: per-sample shapes of the network's inputs when they are not one image of the
+            data's size (paired-modality networks); ``None`` for images.
+        any_size: the network takes images of any height and width (fully convolutional), so
+            an ONNX export has dynamic spatial axes besides the batch axis.
     """
 
     network: nn.Module
@@ -53,10 +69,24 @@ class Deployable:
     architecture: str = ""
     model_args: Mapping[str, Any] = field(default_factory=dict)
     reason: str = ""
+    backbone: str = ""
+    predictor: nn.Module | None = None
+    inputs: tuple[tuple[int, ...], ...] | None = None
+    any_size: bool = False
 
     @property
     def timm_model(self) -> bool:
         return bool(self.architecture)
+
+    @property
+    def name_stem(self) -> str:
+        """The ``arch`` of the hub name: the timm architecture, or the network's backbone."""
+        return self.architecture or self.backbone
+
+    @property
+    def deployed(self) -> nn.Module:
+        """The module whose ``forward`` gives the deployed prediction."""
+        return self.predictor if self.predictor is not None else self.network
 
 
 class KDZooModule(L.LightningModule, ABC):

@@ -211,15 +211,32 @@ class PairedModule(KDZooModule):
         """The evaluated network of the run (``network`` or ``target_modality`` recorded)."""
         role = recorded_role(hparams)
         shapes = tuple(tuple(int(s) for s in shape) for shape in hparams["modality_shapes"])
+        # Never timm's pretrained weights: the checkpoint's replace them (and a hub load must
+        # not download anything).
+        encoders = [
+            {**spec, "pretrained": False} if "pretrained" in spec else spec
+            for spec in hparams["encoders"]
+        ]
         if role == "fusion":
             hidden = hparams.get("fusion_head_hidden") or hparams.get("head_hidden", (320, 160))
-            network = FusionNet(hparams["encoders"], shapes, hparams["num_classes"], hidden)
+            network = FusionNet(encoders, shapes, hparams["num_classes"], hidden)
+            inputs, backbone = shapes, "fusion"
         else:
             m = int(role[1]) - 1
             hidden = hparams.get("head_hidden", (320, 160))
-            network = UnimodalNet(hparams["encoders"][m], shapes[m], hparams["num_classes"], hidden)
-        reason = f"a kdzoo {type(network).__name__} over paired-modality inputs ({role})"
-        return Deployable(network, prefix="student.", reason=reason)
+            network = UnimodalNet(encoders[m], shapes[m], hparams["num_classes"], hidden)
+            inputs, backbone = (shapes[m],), str(encoders[m].get("name") or encoders[m]["kind"])
+        reason = (
+            f"a kdzoo {type(network).__name__} over paired-modality inputs ({role}: "
+            f"{', '.join(map(str, map(list, inputs)))} per sample) returning class logits"
+        )
+        return Deployable(
+            network,
+            prefix="student.",
+            reason=reason,
+            backbone=backbone.split(".")[0],
+            inputs=inputs,
+        )
 
     def result_names(self) -> dict[str, str]:
         """The encoder of the modality the student sees (``name (m1)``) or ``fusion(a+b)``."""

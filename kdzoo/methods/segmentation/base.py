@@ -24,6 +24,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import nn
 from torchmetrics import MetricCollection
 
 from kdzoo.errors import ConfigError
@@ -36,6 +37,7 @@ from kdzoo.validation import check_positive
 
 __all__ = [
     "SegTeacherSpec",
+    "SegmentationLogits",
     "SegmentationModule",
     "build_seg_teacher",
     "segmentation_architecture",
@@ -236,12 +238,39 @@ class SegmentationModule(KDZooModule):
     # ---- what drivers ask -----------------------------------------------------------------------
     @classmethod
     def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
-        network = SegmentationModel(**segmentation_architecture(hparams))
-        reason = "a segmentation network (timm backbone + kdzoo head), not a timm classifier"
-        return Deployable(network, prefix="student.", reason=reason)
+        architecture = segmentation_architecture(hparams)
+        network = SegmentationModel(**architecture)
+        reason = (
+            f"a segmentation network ({architecture['backbone']} timm backbone + kdzoo "
+            f"{architecture['head']} head) returning per-pixel class logits at the input size"
+        )
+        return Deployable(
+            network,
+            prefix="student.",
+            model_args={"in_chans": architecture["in_chans"] + architecture["extra_in_chans"]},
+            reason=reason,
+            backbone=str(architecture["backbone"]).split(".")[0],
+            predictor=SegmentationLogits(network),
+            any_size=True,
+        )
 
     def result_names(self) -> dict[str, str]:
         return {"student": f"{self.hparams.student}/{self.hparams.head}", "teacher": ""}
+
+
+class SegmentationLogits(nn.Module):
+    """The deployed segmentation network: ``forward(x)`` gives per-pixel class logits at the
+    size of ``x`` (as :meth:`SegmentationModule.forward`), the auxiliary head not run."""
+
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Backbone and main head only: the auxiliary head is a training loss, and leaving it out
+        # keeps the deployed cost (and the ONNX graph) what inference needs.
+        logits = self.model.head(self.model.backbone(x))
+        return upsample(logits, x.shape[-2:])
 
 
 @dataclass

@@ -282,7 +282,13 @@ class TTAModule(KDZooModule):
     # ---- what drivers ask -----------------------------------------------------------------------
     @classmethod
     def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
-        """The source model (a plain timm model; the adapted state lives only in the run)."""
+        """The model as the checkpoint holds it: the source, adapted if the checkpoint was saved
+        after a test stream (``kdzoo test`` itself writes none).
+
+        With ``batch_norm="source"`` it is a plain timm model. With ``batch_norm="batch"`` its
+        BatchNorm layers have no running statistics and normalise every input batch with its
+        own, as the method predicts: a timm network that ``timm.create_model`` cannot give back.
+        """
         source = hparams["source"]
         model_args = {
             "in_chans": int(hparams.get("in_chans") or 3),
@@ -290,7 +296,20 @@ class TTAModule(KDZooModule):
         }
         num_classes = int(hparams["num_classes"])
         network = timm.create_model(source["name"], num_classes=num_classes, **model_args)
-        return Deployable(network, "model.model.", source["name"], model_args)
+        if hparams.get("batch_norm", "batch") == "source":
+            return Deployable(network, "model.model.", source["name"], model_args)
+        reason = (
+            f"a timm {source['name']} whose BatchNorm layers normalise each input batch with "
+            "its own statistics (test-time adaptation, batch_norm='batch'), returning class "
+            "logits that depend on the whole batch"
+        )
+        return Deployable(
+            use_batch_statistics(network),
+            "model.model.",
+            model_args=model_args,
+            reason=reason,
+            backbone=source["name"].split(".")[0],
+        )
 
     def result_names(self) -> dict[str, str]:
         return {"student": self.hparams.source["name"], "teacher": ""}
