@@ -14,6 +14,11 @@ every other metric is written as logged (losses; test-time adaptation errors, al
 ``paper`` is the paper's number for that metric where the config declares one. A CSV of the wide
 format kdzoo wrote before (a column per metric) is refused with the command that converts it
 (``tools/convert_results.py``).
+
+A cost CSV (:data:`COST_FIELDS`, ``benchmarks/<suite>_cost.csv``, written by
+``tools/bench_cost.py``, see :mod:`kdzoo.cost`) holds what each run's student costs at inference:
+parameters, MACs and CPU throughput. A table declares the cost columns it shows
+(:data:`COST_COLUMNS`) and joins them by run name (:func:`read_cost`, ``render_table(cost=...)``).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "COST_COLUMNS",
+    "COST_FIELDS",
     "RESULT_FIELDS",
     "WideFormatError",
     "append_row",
@@ -36,6 +43,7 @@ __all__ = [
     "metric_rows",
     "plot_bars",
     "plot_stream",
+    "read_cost",
     "read_rows",
     "render_pivot",
     "render_spec",
@@ -59,6 +67,33 @@ RESULT_FIELDS = (
     "git_commit",
     "finished_at",
 )
+#: The columns of a cost CSV (see :mod:`kdzoo.cost`): per run, the student's parameters and MACs
+#: per image (counted), and images/s at batch 1 and 32 in PyTorch eager and onnxruntime
+#: (measured, with the thread count, CPU and versions they were measured with).
+COST_FIELDS = (
+    "run",
+    "student",
+    "input",
+    "params",
+    "macs",
+    "eager_b1",
+    "eager_b32",
+    "ort_b1",
+    "ort_b32",
+    "threads",
+    "cpu",
+    "torch",
+    "onnxruntime",
+    "git_commit",
+    "measured_at",
+)
+#: The table columns a cost CSV fills: name -> (header, its fields). Never shown unless declared.
+COST_COLUMNS = {
+    "params": ("params (M)", ("params",)),
+    "macs": ("MACs (M)", ("macs",)),
+    "eager": ("img/s b1 / b32 eager", ("eager_b1", "eager_b32")),
+    "ort": ("img/s b1 / b32 ORT", ("ort_b1", "ort_b32")),
+}
 # The metric columns of the wide format (kdzoo before the long format), to recognise such a file.
 WIDE_METRIC_FIELDS = ("top1", "mean_error", "miou")
 # Fractions in [0, 1] as torchmetrics logs them (top-k accuracy, accuracy, pixel accuracy, IoU).
@@ -146,6 +181,15 @@ def _check_header(path: Path, expected: Sequence[str] = RESULT_FIELDS) -> None:
     )
 
 
+def read_cost(path: str | Path) -> dict[str, dict[str, str]]:
+    """The newest row of each run of the cost CSV ``path`` (:data:`COST_FIELDS`), by run name;
+    ``{}`` when there is no such file (the table's cost columns are then empty)."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    return {row["run"]: row for row in read_rows(path, COST_FIELDS)}
+
+
 def latest_rows(
     rows: Sequence[Mapping[str, str]], metric: str | None = None
 ) -> list[Mapping[str, str]]:
@@ -219,6 +263,7 @@ def render_table(
     columns: Sequence[str] | None = None,
     extra: Mapping[str, str] | None = None,
     notes: Mapping[str, str] | None = None,
+    cost: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """A Markdown table, one line per run that logged ``metric``.
 
@@ -229,14 +274,19 @@ def render_table(
         metric: the metric shown, averaged over the seeds run (newest row of each seed).
         header: the metric column's header (default ``<metric> (%)`` for a fraction metric,
             else the metric's name).
-        columns: which columns, in order, from :data:`DEFAULT_COLUMNS` and the names of
-            ``extra`` (default: :data:`DEFAULT_COLUMNS`, then ``extra``'s columns after ``sd``).
+        columns: which columns, in order, from :data:`DEFAULT_COLUMNS`, :data:`COST_COLUMNS`
+            and the names of ``extra`` (default: :data:`DEFAULT_COLUMNS`, then ``extra``'s
+            columns after ``sd``).
         extra: more columns, ``header: regex``: the mean of the run's metrics whose names match
             the regex in full (e.g. one pass of a repeated test-time adaptation stream), averaged
             over the seeds.
         notes: ``run: text`` shown in a ``note`` column after ``run``.
+        cost: ``run: cost row`` (:func:`read_cost`) filling the cost columns declared in
+            ``columns``: parameters and MACs per image in millions, images/s at batch 1 and 32
+            as ``b1 / b32``; ``-`` for a run without a cost row.
     """
     extra = dict(extra or {})
+    cost = dict(cost or {})
     notes = dict(notes or {})
     summary = summarise(rows, metric)
     reference_value = next(
@@ -251,9 +301,10 @@ def render_table(
         columns = [c for c in columns if c != "reference"]
     if not any(e["paper"] != "" for e in summary):
         columns = [c for c in columns if c != "paper"]
-    unknown = [c for c in columns if c not in DEFAULT_COLUMNS and c not in extra and c != "note"]
+    known = [*DEFAULT_COLUMNS, *COST_COLUMNS]
+    unknown = [c for c in columns if c not in known and c not in extra and c != "note"]
     if unknown:
-        raise ValueError(f"unknown table columns {unknown}; known: {list(DEFAULT_COLUMNS)}")
+        raise ValueError(f"unknown table columns {unknown}; known: {known}")
     metric_header = header or (f"{metric} (%)" if _PERCENT.fullmatch(metric) else metric)
     headers = {
         "value": metric_header,
@@ -261,6 +312,7 @@ def render_table(
         "paper": "paper",
         "time": "time (s)",
         "commit": "commit",
+        **{name: title for name, (title, _) in COST_COLUMNS.items()},
     }
     lines = [f"## {title}", ""] if title else []
     lines.append("| " + " | ".join(headers.get(c, c) for c in columns) + " |")
@@ -274,6 +326,9 @@ def render_table(
                 value = notes.get(entry["run"], "")
             elif column in extra:
                 value = _mean_of_matching(rows, entry["run"], extra[column])
+            elif column in COST_COLUMNS:
+                cells.append(_cost_cell(column, cost.get(entry["run"], {})))
+                continue
             else:
                 key = {"time": "wall_clock_s", "commit": "git_commit"}.get(column, column)
                 value = entry.get(key, "")
@@ -291,6 +346,22 @@ def _mean_of_matching(rows: Sequence[Mapping[str, str]], run: str, pattern: str)
             per_seed.setdefault(str(row.get("seed", "")), []).append(float(row["value"]))
     means = [statistics.fmean(values) for values in per_seed.values()]
     return statistics.fmean(means) if means else ""
+
+
+def _cost_cell(column: str, row: Mapping[str, str]) -> str:
+    """A cost column's cell: millions (3 significant digits) for parameters and MACs, whole
+    images/s joined by `` / `` for throughput; ``-`` for a missing value."""
+    values = [row.get(field, "") for field in COST_COLUMNS[column][1]]
+    if all(v in ("", None) for v in values):
+        return "-"
+    if column in ("params", "macs"):
+        return _significant(float(values[0]) / 1e6)
+    return " / ".join("-" if v in ("", None) else f"{float(v):.0f}" for v in values)
+
+
+def _significant(value: float) -> str:
+    """3 significant digits, none dropped, without an exponent (0.0781, 3.40, 33.0, 1820)."""
+    return f"{value:.0f}" if value >= 100 else f"{value:#.3g}".rstrip(".")
 
 
 def render_pivot(
@@ -347,8 +418,13 @@ def render_pivot(
     return "\n".join(lines) + "\n"
 
 
-def render_spec(spec: Mapping[str, Any], rows: Sequence[Mapping[str, str]]) -> str:
-    """The table a suite's ``table:`` block declares (see :mod:`kdzoo.bench`), from ``rows``."""
+def render_spec(
+    spec: Mapping[str, Any],
+    rows: Sequence[Mapping[str, str]],
+    cost: Mapping[str, Mapping[str, str]] | None = None,
+) -> str:
+    """The table a suite's ``table:`` block declares (see :mod:`kdzoo.bench`), from ``rows``,
+    its cost columns (if it declares any) from ``cost`` (:func:`read_cost`)."""
     known = {"csv", "metric", "reference", "header", "columns", "extra", "notes", "pivot"}
     unknown = set(spec) - known
     if unknown:
@@ -370,6 +446,7 @@ def render_spec(spec: Mapping[str, Any], rows: Sequence[Mapping[str, str]]) -> s
         columns=spec.get("columns"),
         extra=spec.get("extra"),
         notes=spec.get("notes"),
+        cost=cost,
     )
 
 

@@ -1,0 +1,90 @@
+"""Measure what the students of a finished benchmark suite cost: parameters, MACs, CPU img/s.
+
+For every run of a suite's results CSV (``<out>/<suite>.csv`` as ``kdzoo bench run SUITE --out
+OUT`` wrote it, or ``--results benchmarks/<suite>.csv``, whose ``config`` column points at the
+run folders), the run's deployed network is rebuilt from its best checkpoint (a test-only run:
+from its logged config) and measured once per distinct network and input (see
+:mod:`kdzoo.cost`): parameters, MACs per image (torch's FlopCounterMode, FLOPs / 2), and images/s
+of inference at batch 1 and 32 in PyTorch eager and onnxruntime (those columns stay empty, with a
+warning, without onnx, onnxscript and onnxruntime: ``pip install 'kdzoo[onnx]'``). One row per
+run is appended to ``benchmarks/<suite>_cost.csv`` (earlier rows kept; a table shows the newest
+row of each run), which a suite's table joins when it declares the cost columns ``params``,
+``macs``, ``eager``, ``ort``.
+
+Run it on a quiet machine (nothing else running), with a fixed thread count:
+
+    python tools/bench_cost.py quick --out results --threads 1
+    python tools/bench_cost.py quick --results benchmarks/quick.csv --threads 1
+    python tools/bench_cost.py quick_fast --out results --reps 1 --warmup 0 --cost_csv /tmp/c.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from kdzoo.bench import git_commit
+from kdzoo.cost import RUNTIMES, measure_suite
+from kdzoo.results import COST_FIELDS, append_rows, read_rows
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suite", help="the results table: <suite>, or <suite>_fast for --fast")
+    parser.add_argument("--out", type=Path, default=Path("results"), help="the results directory")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="the results CSV (default: <out>/<suite>.csv), e.g. benchmarks/<suite>.csv",
+    )
+    parser.add_argument(
+        "--cost_csv",
+        type=Path,
+        default=None,
+        help="where to append the rows (default: benchmarks/<suite>_cost.csv of the checkout)",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch and onnxruntime threads")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed passes per measurement")
+    parser.add_argument("--reps", type=int, default=50, help="timed passes; the median is kept")
+    parser.add_argument(
+        "--runtimes", nargs="+", choices=list(RUNTIMES), default=list(RUNTIMES), help="to time"
+    )
+    args = parser.parse_args(argv)
+    # What could not be measured, one line each (a column left empty, random weights).
+    warnings.formatwarning = lambda message, *_args, **_kwargs: f"warning: {message}\n"
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    results = args.results or args.out / f"{args.suite}.csv"
+    if not results.is_file():
+        raise SystemExit(f"error: no {results}: run the suite first (kdzoo bench run)")
+    start = time.perf_counter()
+    rows = measure_suite(
+        results,
+        args.out / "runs" / args.suite,
+        warmup=args.warmup,
+        reps=args.reps,
+        runtimes=args.runtimes,
+        git_commit=git_commit(),
+    )
+    path = args.cost_csv or SOURCE_ROOT / "benchmarks" / f"{args.suite}_cost.csv"
+    append_rows(path, rows, COST_FIELDS)
+    elapsed = time.perf_counter() - start
+    print(f"{path}: {len(rows)} runs, {torch.get_num_threads()} threads, {elapsed:.0f} s")
+    runs = {row["run"] for row in rows}
+    skipped = [r["run"] for r in read_rows(results) if r["run"] not in runs]
+    if skipped:
+        print(f"error: not measured: {', '.join(dict.fromkeys(skipped))}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
