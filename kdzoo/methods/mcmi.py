@@ -4,7 +4,9 @@ Ye, Hamidi, Tan, Yang. "Bayes Conditional Distribution Estimation for Knowledge 
 (also titled "... Based on Conditional Mutual Information"). ICLR 2024, arXiv:2401.08732. Official
 code: github.com/iclr2024mcmi/ICLRMCMI (read at ``d12f354``: ``CIFAT-100KD/FineTuneTeacher.py``,
 ``centroid.py``; the loss class it imports is missing there and was read from
-``ZeroShot/losses.py``). kdzoo spec: ``specs/classification.md`` section 4.
+``CIFAR100-FewShot/losses.py``, the working copy: ``ZeroShot/losses.py`` holds the same
+``CE_KL_PWCE_loss``, which cannot be constructed there, ``pair_wise_CE`` being undefined).
+kdzoo spec: ``specs/classification.md`` section 4.
 
 MCMI changes how the *teacher* is trained; students then use any distillation method unchanged.
 The teacher loss is ``CE(z, y) - lambda * I``, with ``I`` the batch mean of ``KL(P_x || Q_y)``

@@ -3,7 +3,8 @@
 Ye, Hamidi, Tan, Yang. "Bayes Conditional Distribution Estimation for Knowledge Distillation"
 (MCMI: maximum conditional mutual information). ICLR 2024, arXiv:2401.08732. Official code:
 github.com/iclr2024mcmi/ICLRMCMI (read at ``d12f354``): ``CE_KL_loss`` / ``CE_KL_PWCE_loss`` in
-``ZeroShot/losses.py``, ``F.kl_div(Q_y.log(), log_softmax(z), log_target=True,
+``CIFAR100-FewShot/losses.py`` (the working copy; ``ZeroShot/losses.py``'s cannot be constructed,
+``pair_wise_CE`` being undefined there), ``F.kl_div(Q_y.log(), log_softmax(z), log_target=True,
 reduction="batchmean")``, which is the batch mean of ``KL(P || Q_y)`` (kdzoo spec, section 4).
 """
 

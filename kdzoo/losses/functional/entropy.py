@@ -21,16 +21,19 @@ def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
     .. math::
         H = \frac{1}{N} \sum_i -\sum_c \sigma(z_i)_c \log \sigma(z_i)_c
 
-    Computed from ``log_softmax`` (stable for large logits), in at least float32. Uniform
-    predictions over ``C`` classes give ``ln C``; one-hot-like predictions give ``~0``.
+    Computed in at least float32 from ``log_softmax`` (stable for large logits), written as the
+    Tent code writes it, ``-(z.softmax(1) * z.log_softmax(1)).sum(1).mean(0)``, so that it rounds
+    as the reference does (``exp(log_softmax)`` instead of ``softmax`` drifts by a few ulps, which
+    compounds over adaptation steps). Uniform predictions over ``C`` classes give ``ln C``;
+    one-hot-like predictions give ``~0``.
 
     Args:
         logits: ``(N, C)`` logits.
     """
     if logits.ndim != 2:
         raise ValueError(f"logits must be (N, C), got shape {tuple(logits.shape)}")
-    log_p = logits.to(torch.promote_types(logits.dtype, torch.float32)).log_softmax(dim=1)
-    return -(log_p.exp() * log_p).sum(dim=1).mean()
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return -(z.softmax(dim=1) * z.log_softmax(dim=1)).sum(dim=1).mean(dim=0)
 
 
 def soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:

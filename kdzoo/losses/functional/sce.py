@@ -22,7 +22,10 @@ def symmetric_cross_entropy(
         \mathrm{SCE}(s, t) = \frac{1}{N} \sum_i \Big( -\tfrac12 \sum_c \sigma(t_i)_c
             \log \sigma(s_i)_c - \tfrac12 \sum_c \sigma(s_i)_c \log \sigma(t_i)_c \Big)
 
-    The code's ``alpha = 0.5`` form. The teacher logits are detached here (the teacher never
+    The code's ``alpha = 0.5`` form, written as the code writes it (``SymmetricCrossEntropy``:
+    ``-(1 - a) * (t.softmax(1) * s.log_softmax(1)).sum(1) - a * (s.softmax(1) *
+    t.log_softmax(1)).sum(1)``, then the batch mean) so that it rounds as the reference does.
+    The teacher logits are detached here (the teacher never
     receives a gradient); the student gets gradients from both directions, so unlike plain CE
     the gradient at ``s == t`` is not zero. ``SCE(z, z)`` is the entropy of ``softmax(z)``.
 
@@ -36,8 +39,8 @@ def symmetric_cross_entropy(
             f"{tuple(teacher_logits.shape)} must have the same shape"
         )
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
-    log_p_s = student_logits.to(dtype).log_softmax(dim=1)
-    log_p_t = teacher_logits.detach().to(dtype).log_softmax(dim=1)
-    forward = -(log_p_t.exp() * log_p_s).sum(dim=1)
-    backward = -(log_p_s.exp() * log_p_t).sum(dim=1)
-    return (0.5 * forward + 0.5 * backward).mean()
+    s = student_logits.to(dtype)
+    t = teacher_logits.detach().to(dtype)
+    forward = (t.softmax(dim=1) * s.log_softmax(dim=1)).sum(dim=1)  # -CE(softmax(t) -> s)
+    backward = (s.softmax(dim=1) * t.log_softmax(dim=1)).sum(dim=1)  # -CE(softmax(s) -> t)
+    return (-0.5 * forward - 0.5 * backward).mean(dim=0)

@@ -95,6 +95,15 @@ def tgeo_loss(
     ``alpha = 0`` is cross-entropy, ``alpha = 1`` is :func:`~kdzoo.losses.functional.kd_loss`.
     The deleted CIFAR code has no ``T^2`` (it ran at ``T = 1``, where the two agree).
 
+    Two departures from the official code, both on purpose (they are bugs there, not choices):
+
+    * the released code applies its cross-entropy to softmax *probabilities* (a double softmax).
+      On ``s = [[2, 0, -1], [0, 1, 0]]``, ``t = [[0, 2, 0], [1, 0, 3]]``, ``y = [0, 1]``,
+      ``alpha = [0.9, 0.1]``, ``T = 1.5`` it gives 1.16296 where the formula gives 0.99471;
+    * the deleted CIFAR code broadcasts an ``(N, 1)`` fusion ratio against ``(N,)`` losses, which
+      averages it into ``mean(alpha) * mean(KL) + mean(1 - alpha) * mean(CE)`` and loses the
+      per-sample weighting the method is about.
+
     Args:
         student_logits: ``(N, C)`` student logits.
         teacher_logits: ``(N, C)`` teacher logits.

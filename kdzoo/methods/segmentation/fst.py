@@ -28,9 +28,13 @@ U2PL-based semi-supervised part). Only the abstract could be read; the algorithm
   dropout off (DAFormer; this also keeps its running statistics current for evaluation); arg-max
   labels; ``pseudo_label: quality`` weights every pixel by the share of pixels whose confidence
   reaches ``threshold`` (DACS/DAFormer, tau = 0.968), ``threshold`` keeps only those pixels
-  (averaged over all pixels). No ClassMix, colour jitter or rare-class sampling (the UDA code's
-  DAFormer pipeline) and no entropy-percentile filtering (the SSL code): kdzoo's FST is the
-  self-training core, the same for every setting.
+  (averaged over all pixels). ``pseudo_ignore_top`` / ``pseudo_ignore_bottom`` give zero
+  pseudo-label weight to the first / last rows of each unlabelled crop (DAFormer's
+  ``psweight_ignore_top`` / ``psweight_ignore_bottom``, 15 / 120 in the code's GTA5 -> Cityscapes
+  configs: the ego-vehicle bonnet and the rectification border), after the quality weight was
+  measured over the whole crop; the loss is still the mean over all pixels. No ClassMix, colour
+  jitter or rare-class sampling (the UDA code's DAFormer pipeline) and no entropy-percentile
+  filtering (the SSL code): kdzoo's FST is the self-training core, the same for every setting.
 - **First iteration**: the teacher starts as a copy of the student at construction; the code's
   extra first-iteration EMA update is not reproduced (with warm-up, ``a_0 = 0`` copies the student
   at the first update anyway).
@@ -39,6 +43,7 @@ U2PL-based semi-supervised part). Only the abstract could be read; the algorithm
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -47,9 +52,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdzoo.errors import ConfigError
+from kdzoo.methods.module import Deployable
 from kdzoo.methods.segmentation.base import SegmentationModule, upsample
 from kdzoo.models.segmentation import SegmentationModel
-from kdzoo.validation import check_fraction
+from kdzoo.validation import check_fraction, check_non_negative
 
 __all__ = ["FST"]
 
@@ -68,6 +74,9 @@ class FST(SegmentationModule):
         pseudo_label: ``"quality"`` (one weight per batch, the share of confident pixels) or
             ``"threshold"`` (per-pixel mask).
         pseudo_weight: weight of the pseudo-label loss.
+        pseudo_ignore_top: rows at the top of each unlabelled crop whose pseudo-label weight is 0
+            (DAFormer's ``psweight_ignore_top``; the UDA code's GTA5 -> Cityscapes configs: 15).
+        pseudo_ignore_bottom: rows at the bottom likewise (``psweight_ignore_bottom``; 120).
         restore_optimizer_state: restore the optimiser state after the virtual steps (default
             ``False``, the official code's behaviour).
         restore_bn_buffers: restore the student's BN running statistics too (default ``False``).
@@ -91,12 +100,17 @@ class FST(SegmentationModule):
         threshold: float = 0.968,
         pseudo_label: Literal["quality", "threshold"] = "quality",
         pseudo_weight: float = 1.0,
+        pseudo_ignore_top: int = 0,
+        pseudo_ignore_bottom: int = 0,
         restore_optimizer_state: bool = False,
         restore_bn_buffers: bool = False,
         evaluate: Literal["student", "teacher"] = "student",
         **kwargs: Any,
     ) -> None:
         _check_arguments(mode, k_steps, ema_momentum, threshold)
+        check_non_negative(
+            pseudo_ignore_top=pseudo_ignore_top, pseudo_ignore_bottom=pseudo_ignore_bottom
+        )
         super().__init__(**kwargs)
         self.automatic_optimization = False
         self.teacher = copy.deepcopy(self.student).requires_grad_(False)
@@ -107,6 +121,15 @@ class FST(SegmentationModule):
     # ---- the teacher ------------------------------------------------------------------------
     def eval_model(self) -> SegmentationModel:
         return self.teacher if self.hparams.evaluate == "teacher" else self.student
+
+    @classmethod
+    def deployable(cls, hparams: Mapping[str, Any]) -> Deployable:
+        """The evaluated network: the student, or with ``evaluate="teacher"`` the EMA teacher
+        (checkpointed under ``teacher.``, same architecture)."""
+        deployable = super().deployable(hparams)
+        if hparams.get("evaluate", "student") != "teacher":
+            return deployable
+        return dataclasses.replace(deployable, prefix="teacher.")
 
     def momentum(self) -> float:
         alpha = self.hparams.ema_momentum
@@ -146,12 +169,26 @@ class FST(SegmentationModule):
         logits = upsample(self.student(unlabelled).logits, unlabelled.shape[-2:])
         ce = F.cross_entropy(logits.float(), labels, reduction="none")
         confident = (confidence >= self.hparams.threshold).float()
+        ce = self.ignore_border_rows(ce)
         if self.hparams.pseudo_label == "quality":
             terms["pseudo"] = confident.mean() * ce.mean()
         else:
             terms["pseudo"] = (confident * ce).mean()
         self.log("train/pseudo_confident", confident.mean(), batch_size=len(unlabelled))
         return terms
+
+    def ignore_border_rows(self, pixel_loss: torch.Tensor) -> torch.Tensor:
+        """``(N, H, W)`` per-pixel pseudo-label loss with the ``pseudo_ignore_top`` first and
+        ``pseudo_ignore_bottom`` last rows zeroed (DAFormer's ``psweight_ignore_*``); returned
+        unchanged (the same tensor) when both are 0."""
+        top, bottom = self.hparams.pseudo_ignore_top, self.hparams.pseudo_ignore_bottom
+        if not top and not bottom:
+            return pixel_loss
+        rows = torch.arange(pixel_loss.shape[-2], device=pixel_loss.device)
+        keep = (rows >= top) & (rows < pixel_loss.shape[-2] - bottom)
+        # A multiplication by the 0/1 row weight, as the code's weight map, not a selection:
+        # the loss stays the mean over every pixel of the crop.
+        return pixel_loss * keep.to(pixel_loss.dtype)[:, None]
 
     def _loss(self, batch: Any) -> torch.Tensor:
         terms = self.loss_terms(batch)

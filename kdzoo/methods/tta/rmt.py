@@ -80,7 +80,11 @@ class RMT(TTAModule):
         source_data: the source model's labelled training data, a datamodule whose train split
             is read without augmentation (:func:`~kdzoo.methods.statistics.source_loader`);
             needed when ``cont_weight``, ``src_weight`` or ``warmup_samples`` is non-zero.
-        source_batch_size: source batch size; ``None``: the stream's batch size, else 200.
+        source_batch_size: source batch size; ``None``: the test stream's batch size, the same
+            rule for ``kdzoo test`` and ``trainer.test(module, datamodule=... or
+            dataloaders=...)`` from Python (the datamodule's ``batch_size``, else the test
+            dataloader's; :func:`~kdzoo.methods.statistics.default_source_batch_size`); 200 only
+            when no trainer drives the module.
         seed: seeds the source loaders, the augmentation and the projector's initialisation.
         cache: read/write the prototype and warm-up caches.
         **kwargs: see :class:`~kdzoo.methods.tta.base.TTAModule`.
