@@ -130,7 +130,8 @@ def run_suite(
     In a suite that sets ``teacher_cache`` (true or false), the students (runs with a
     ``teacher:``) see exact-replay views (``augment_seed`` = ``seed``); with it true they train
     from one cache per teacher (:mod:`kdzoo.cache.suite`, built when first needed, its time
-    counted in that student's), else from the live teacher. ``teacher_cache`` overrides the
+    counted in that student's; values stored in the suite's ``teacher_cache_dtype``, default
+    float16), else from the live teacher. ``teacher_cache`` overrides the
     suite's setting (the online run to compare a cached one with)."""
     from kdzoo.cache.suite import cached_teacher_args
     from kdzoo.lightning_cli import KDCLI
@@ -174,7 +175,8 @@ def run_suite(
         start = time.perf_counter()
         if replay and (suite["teacher_cache"] if teacher_cache is None else teacher_cache):
             caches = out / "caches" / table / f"seed{seed}"
-            args += cached_teacher_args(args, caches, run["teacher"])
+            dtype = suite.get("teacher_cache_dtype", "float16")
+            args += cached_teacher_args(args, caches, run["teacher"], dtype=dtype)
         cli = KDCLI(args=args)
         if command == "fit":
             best[run["name"]] = cli.trainer.checkpoint_callback.best_model_path

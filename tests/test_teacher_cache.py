@@ -171,6 +171,21 @@ def test_topk_encoding_matches_the_formula() -> None:
     )
 
 
+def test_float32_storage_is_exact() -> None:
+    logits = torch.randn(6, 150, generator=torch.Generator().manual_seed(2)) * 8
+    full = encode_logits(logits, None, torch.float32)
+    assert full["logits"].dtype == torch.float32
+    assert torch.equal(restore_logits(full, 150), logits)
+    top = encode_logits(logits, 10, torch.float32)
+    assert top["topk_values"].dtype == top["rest_logit"].dtype == torch.float32
+    assert torch.equal(top["topk_values"], logits.topk(10, dim=1).values)
+
+
+def test_unknown_dtype_refused(env: Env) -> None:
+    with pytest.raises(CacheError, match="--dtype must be one of float16, float32, got 'int8'"):
+        plan_manifest(make(KD, weights=env.weights), datamodule(), epochs=1, dtype="int8")
+
+
 def test_topk_cache_end_to_end(env: Env, tmp_path: Path) -> None:
     """``k`` below the class count: the cached teacher gives the live top-k logits at their
     positions and one rest logit elsewhere; verify accepts it."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from cli_helpers import assert_clear_error, kdzoo
 
@@ -96,20 +97,57 @@ def test_build_and_info(built: Built) -> None:
     assert "epochs:       2" in info and "every logit, float16" in info
 
 
-def test_fit_from_cache_matches_live_fit(built: Built) -> None:
+def fit(built: Built, name: str, *options: str) -> Path:
+    """``kdzoo fit`` of the run config (plus ``options``) into ``<cwd>/<name>``; its log dir."""
+    kdzoo(
+        "fit", "-c", str(built.config), *options,
+        f"--trainer.logger.init_args.save_dir={built.cwd / name}", cwd=built.cwd,
+    )  # fmt: skip
+    return built.cwd / name / RUN / "version_0"
+
+
+@pytest.fixture(scope="module")
+def live_run(built: Built) -> Path:
+    """The run trained from the live teacher."""
+    return fit(built, "live")
+
+
+def test_fit_from_cache_matches_live_fit(built: Built, live_run: Path) -> None:
     proc = kdzoo(
         "fit", "-c", str(built.config), f"--model.init_args.teacher.cache={built.cache}",
-        cwd=built.cwd,
+        f"--trainer.logger.init_args.save_dir={built.cwd / 'cached'}", cwd=built.cwd,
     )  # fmt: skip
     assert "Teacher outputs come from the cache" in proc.stdout + proc.stderr
-    kdzoo("fit", "-c", str(built.config), cwd=built.cwd)
-    cached = train_losses(built.cwd / f"runs/{RUN}/version_0")
-    live = train_losses(built.cwd / f"runs/{RUN}/version_1")
+    cached = train_losses(built.cwd / f"cached/{RUN}/version_0")
+    live = train_losses(live_run)
     assert [step for step, _ in cached] == [step for step, _ in live] == list(range(8))
     for (step, from_cache), (_, from_teacher) in zip(cached, live, strict=True):
         assert from_cache == pytest.approx(from_teacher, rel=1e-3), step
-    saved = yaml.safe_load((built.cwd / f"runs/{RUN}/version_0/config.yaml").read_text())
+    saved = yaml.safe_load((built.cwd / f"cached/{RUN}/version_0/config.yaml").read_text())
     assert saved["model"]["init_args"]["teacher"]["cache"] == str(built.cache)
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    return {k: v for k, v in state.items() if k.startswith("student.")}
+
+
+def test_float32_cache_trains_the_live_run_bit_for_bit(built: Built, live_run: Path) -> None:
+    # fp16 storage moves the logits by up to 2^-11 (relative), which SGD amplifies; fp32 storage
+    # holds what the live teacher computes, so nothing differs: every loss and every weight.
+    cache = built.cwd / "cache32"
+    kdzoo(
+        "cache", "build", "-c", str(built.config), "--epochs", "2", "--out", str(cache),
+        "--dtype", "float32", cwd=built.cwd,
+    )  # fmt: skip
+    info = kdzoo("cache", "info", str(cache), cwd=built.cwd).stdout
+    assert "every logit, float32" in info
+    run = fit(built, "cached32", f"--model.init_args.teacher.cache={cache}")
+    assert train_losses(run) == train_losses(live_run)
+    cached, live = student_weights(run), student_weights(live_run)
+    assert cached.keys() == live.keys() and cached
+    for name, value in live.items():
+        assert torch.equal(cached[name], value), name
 
 
 def test_verify(built: Built) -> None:

@@ -25,6 +25,7 @@ from kdzoo import __version__
 from kdzoo.cache.manifest import FORMAT, VERSION, data_record, differences, weights_sha256
 from kdzoo.cache.store import (
     DEFAULT_TOP_K,
+    DTYPES,
     FULL_LOGITS_MAX_CLASSES,
     MANIFEST,
     CacheError,
@@ -56,6 +57,7 @@ def plan_manifest(
     k: int | None = None,
     outputs: Sequence[str] = (),
     chunk_size: int = DEFAULT_CHUNK,
+    dtype: str = "float16",
 ) -> dict[str, Any]:
     """The manifest of the cache of ``model``'s teacher over ``datamodule``, without shards."""
     teacher = getattr(model, "teacher", None)
@@ -73,6 +75,8 @@ def plan_manifest(
     num_classes = int(backbone.num_classes)
     if k is not None and not 0 < k < num_classes:
         raise CacheError(f"--k must be in 1..{num_classes - 1}, got {k}")
+    if dtype not in DTYPES:
+        raise CacheError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     if k is None and num_classes > FULL_LOGITS_MAX_CLASSES:
         k = DEFAULT_TOP_K
     wanted = ["logits", *getattr(model, "teacher_outputs", ()), *outputs]
@@ -99,7 +103,7 @@ def plan_manifest(
         "logits": {
             "stored": "full" if k is None else "topk",
             "k": k,
-            "dtype": "float16",
+            "dtype": dtype,
             "index_dtype": None if k is None else str(index_dtype(num_classes)).split(".")[-1],
         },
         "outputs": [o for o in OUTPUTS if o in wanted],
@@ -244,9 +248,10 @@ def _shard(plan: dict[str, Any], epoch: int, done: dict[str, torch.Tensor]) -> d
     in epoch 0 the per-class sums of the class-mean tables (float64)."""
     # int32 ids: positions in a dataset, 4 bytes instead of 8 per sample-epoch.
     ids = done["ids"].to(torch.int32)
-    tensors = {"ids": ids, **encode_logits(done["logits"], plan["logits"]["k"])}
+    dtype = DTYPES[plan["logits"]["dtype"]]
+    tensors = {"ids": ids, **encode_logits(done["logits"], plan["logits"]["k"], dtype)}
     if "embedding_norm" in plan["outputs"]:
-        tensors["embedding_norm"] = done["embedding"].norm(dim=1).to(torch.float16)
+        tensors["embedding_norm"] = done["embedding"].norm(dim=1).to(dtype)
     if epoch == 0:
         classes, targets = plan["teacher"]["num_classes"], done["targets"].long()
         tensors["stat/count"] = torch.bincount(targets, minlength=classes).double()
@@ -299,6 +304,7 @@ def build_cache(
     outputs: Sequence[str] = (),
     chunk_size: int = DEFAULT_CHUNK,
     batch_size: int | None = None,
+    dtype: str = "float16",
 ) -> dict[str, Any]:
     """Build (or finish building) the cache of ``model``'s teacher in ``out``; its manifest.
 
@@ -312,8 +318,9 @@ def build_cache(
     datamodule.prepare_data()
     datamodule.setup("fit")
     plan = plan_manifest(
-        model, datamodule, epochs=epochs, k=k, outputs=outputs, chunk_size=chunk_size
-    )
+        model, datamodule, epochs=epochs, k=k, outputs=outputs, chunk_size=chunk_size,
+        dtype=dtype,
+    )  # fmt: skip
     if not prepare_directory(out, plan):
         print(f"{out} already holds this cache ({epochs} epochs); nothing to do")
         return read_json(out / MANIFEST)

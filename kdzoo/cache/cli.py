@@ -1,6 +1,6 @@
 """``kdzoo cache build|verify|info``: build, check and describe teacher-output caches.
 
-    kdzoo cache build -c run.yaml --epochs E --out DIR [--k K] [--outputs NAME ...]
+    kdzoo cache build -c run.yaml --epochs E --out DIR [--k K] [--dtype float32] [--outputs ...]
     kdzoo cache verify DIR -c run.yaml [--samples N]
     kdzoo cache info DIR
 
@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument(
         "--k", type=int, default=None,
         help="store the top-k logits (default: every logit up to 100 classes, else top-10)",
+    )  # fmt: skip
+    build.add_argument(
+        "--dtype", choices=("float16", "float32"), default="float16",
+        help="stored value type: float16 (half the size; students end within seed noise of "
+        "live training) or float32 (students bit-identical to live training)",
     )  # fmt: skip
     build.add_argument(
         "--outputs", nargs="*", default=(),
@@ -109,6 +114,7 @@ def main(argv: Sequence[str]) -> None:
             outputs=args.outputs,
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
+            dtype=args.dtype,
         )
         if cli.trainer.global_rank == 0:
             from kdzoo.cache.report import describe

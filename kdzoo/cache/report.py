@@ -14,8 +14,10 @@ from kdzoo.cache.teacher import open_manifest
 
 __all__ = ["bytes_per_sample_epoch", "describe", "verify"]
 
-#: fp16 keeps 11 significant bits: a stored value is within 2^-11 of the computed one, relative.
-FP16_RELATIVE = 2.0**-11
+#: How far (relative) a stored value may be from the recomputed one: fp16 keeps 11 significant
+#: bits (2^-11); fp32 stores what the teacher computed, up to the last bits in which a kernel
+#: for another batch size may differ.
+RELATIVE = {"float16": 2.0**-11, "float32": 1e-5}
 
 
 def bytes_per_sample_epoch(manifest: dict[str, Any]) -> float:
@@ -59,7 +61,8 @@ def verify(
     directory: str | Path, model: Any, datamodule: Any, *, samples: int = 64, seed: int = 0
 ) -> str:
     """Check every shard's sha256, the run against the manifest, and ``samples`` random entries
-    against the live teacher; raise :class:`CacheError` on any difference beyond fp16 rounding."""
+    against the live teacher; raise :class:`CacheError` on any difference beyond the stored
+    dtype's rounding."""
     directory = Path(directory).expanduser()
     manifest = open_manifest(directory)
     datamodule.prepare_data()
@@ -71,6 +74,7 @@ def verify(
         k=manifest["logits"]["k"],
         outputs=manifest["outputs"],
         chunk_size=manifest["chunk_size"],
+        dtype=manifest["logits"]["dtype"],
     )
     found = differences({"teacher": plan["teacher"], "data": plan["data"]}, manifest)
     if found:
@@ -99,7 +103,8 @@ def verify(
     else:  # the top-k positions (the others hold the rest logit, by design)
         values, positions = logits.topk(manifest["logits"]["k"], dim=1)
         compared, reference = restored.gather(1, positions), values
-    worst = _check("logits", compared, reference)
+    relative = RELATIVE[manifest["logits"]["dtype"]]
+    worst = _check("logits", compared, reference, relative)
     report = [
         f"{len(shards)} shards match their size and sha256",
         f"{samples} random entries recomputed with the live teacher: largest |logit "
@@ -107,19 +112,22 @@ def verify(
     ]
     if "embedding_norm" in stored:
         norm = _check(
-            "embedding_norm", stored["embedding_norm"].float(), live.embedding.norm(dim=1)
+            "embedding_norm",
+            stored["embedding_norm"].float(),
+            live.embedding.norm(dim=1),
+            relative,
         )
         report.append(f"largest |embedding norm difference| {norm:.3g}")
     return f"teacher cache {directory}: OK\n  " + "\n  ".join(report)
 
 
-def _check(name: str, stored: torch.Tensor, live: torch.Tensor) -> float:
-    """Largest |stored - live|; an error beyond fp16 rounding of the live values."""
+def _check(name: str, stored: torch.Tensor, live: torch.Tensor, relative: float) -> float:
+    """Largest |stored - live|; an error beyond the stored dtype's rounding of the live values."""
     difference = (stored - live).abs()
-    bound = live.abs().clamp(min=2.0**-14) * FP16_RELATIVE * 1.01
+    bound = live.abs().clamp(min=2.0**-14) * relative * 1.01
     if (difference > bound).any():
         raise CacheError(
             f"stored {name} differ from the live teacher's by up to {difference.max():.3g}, more "
-            "than fp16 rounding: the cache is stale or corrupt, rebuild it"
+            "than the stored dtype's rounding: the cache is stale or corrupt, rebuild it"
         )
     return float(difference.max())

@@ -6,7 +6,8 @@ and sha256 (a build resumes from the shards whose sidecar matches), and ``statis
 (class-mean tables over epoch 0's views). Shards are read whole and checked against their size
 and sha256 first: a truncated or corrupt shard is an error, never silently read.
 
-Logits: with at most :data:`FULL_LOGITS_MAX_CLASSES` classes every logit is stored (fp16). Above
+Logits: with at most :data:`FULL_LOGITS_MAX_CLASSES` classes every logit is stored (fp16, or fp32
+with ``--dtype float32``: see :data:`DTYPES`). Above
 it, the ``k`` largest logits and their class indices, plus one "rest" logit: the value that, given
 to each of the other ``C - k`` classes, keeps their total probability (at temperature 1) what the
 teacher gave them, ``rest = logsumexp(z_rest) - log(C - k)``. Softmax of the restored vector is
@@ -32,6 +33,7 @@ from kdzoo.errors import KDZooError
 
 __all__ = [
     "DEFAULT_TOP_K",
+    "DTYPES",
     "FULL_LOGITS_MAX_CLASSES",
     "MANIFEST",
     "CacheError",
@@ -54,7 +56,13 @@ MANIFEST = "manifest.json"
 FULL_LOGITS_MAX_CLASSES = 100
 #: ``k`` of top-k storage (FKD keeps the top classes of each soft label the same way).
 DEFAULT_TOP_K = 10
-VALUE_DTYPE = torch.float16
+#: Value types of the stored logits and embedding norms. fp16 (the default) halves the size; its
+#: rounding (2^-11 relative) is enough to make SGD follow another trajectory after a few dozen
+#: steps, as any perturbation of that size would (a student trained from an fp16 cache ends
+#: within seed-to-seed noise of the live one, not equal to it). fp32 holds exactly what the live
+#: teacher computes, so a student trained from it is bit-identical to one trained live
+#: (on CPU; cuDNN's batch-size-dependent kernels may differ in the last bits).
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class CacheError(KDZooError):
@@ -70,20 +78,22 @@ def index_dtype(num_classes: int) -> torch.dtype:
     return torch.int16 if num_classes <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
-def encode_logits(logits: torch.Tensor, k: int | None) -> dict[str, torch.Tensor]:
-    """``(N, C)`` logits as stored: ``{"logits"}`` when ``k`` is None, else ``{"topk_values",
-    "topk_indices", "rest_logit"}`` (see the module docstring)."""
+def encode_logits(
+    logits: torch.Tensor, k: int | None, dtype: torch.dtype = torch.float16
+) -> dict[str, torch.Tensor]:
+    """``(N, C)`` logits as stored in ``dtype``: ``{"logits"}`` when ``k`` is None, else
+    ``{"topk_values", "topk_indices", "rest_logit"}`` (see the module docstring)."""
     logits = logits.float()
     if k is None:
-        return {"logits": logits.to(VALUE_DTYPE)}
+        return {"logits": logits.to(dtype)}
     num_classes = logits.shape[1]
     values, indices = logits.topk(k, dim=1)
     rest = logits.scatter(1, indices, float("-inf"))
     rest_logit = rest.logsumexp(dim=1) - torch.log(torch.tensor(float(num_classes - k)))
     return {
-        "topk_values": values.to(VALUE_DTYPE),
+        "topk_values": values.to(dtype),
         "topk_indices": indices.to(index_dtype(num_classes)),
-        "rest_logit": rest_logit.to(VALUE_DTYPE),
+        "rest_logit": rest_logit.to(dtype),
     }
 
 

@@ -17,10 +17,13 @@ from kdzoo.cache.store import CacheOccupiedError
 __all__ = ["cached_teacher_args"]
 
 
-def cached_teacher_args(fit_args: list[str], caches: Path, teacher_run: str) -> list[str]:
+def cached_teacher_args(
+    fit_args: list[str], caches: Path, teacher_run: str, *, dtype: str = "float16"
+) -> list[str]:
     """The options that train the run ``fit_args`` (``["fit", ...]``, with the teacher's weights
-    and ``augment_seed``) from a cache of its teacher, built under ``caches/<teacher_run>`` (or
-    ``<teacher_run>-2``, ... when a student with other data needs another one) unless there."""
+    and ``augment_seed``) from a cache of its teacher (values in ``dtype``), built under
+    ``caches/<teacher_run>`` (or ``<teacher_run>-2``, ... when a student with other data needs
+    another one) unless there."""
     from kdzoo.cache.cli import trainer_options
     from kdzoo.lightning_cli import KDCLI
 
@@ -35,6 +38,7 @@ def cached_teacher_args(fit_args: list[str], caches: Path, teacher_run: str) -> 
                 epochs=cli.trainer.max_epochs,
                 trainer_options=trainer_options(cli),
                 outputs=OUTPUTS,
+                dtype=dtype,
             )
         except CacheOccupiedError:
             continue
