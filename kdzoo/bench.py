@@ -36,7 +36,13 @@ block declares, with these keys (all optional)::
       extra: {pass 1: 'error_[^#]+'}   # column: mean of the run's metrics matching the regex
       notes: {kd++: KD++}     # a "note" column
       pivot: {rows: strategy, columns: n_labelled, value: test_top1, header: '{} labels'}
-                              # instead: value by rows x columns, mean ± sd over seeds
+                              # instead: value by rows x columns, mean ± sd over seeds; with a
+                              # pivot, columns may only name cost columns: [params, macs, eager,
+                              # ort], after the value columns, joined by the row (the strategy)
+
+The cost columns ``params``, ``macs``, ``eager`` and ``ort`` come from
+``benchmarks/<suite>_cost.csv`` (``tools/bench_cost.py``, :mod:`kdzoo.cost`), one row per run,
+and per selection strategy of the suite's active part; ``-`` where a run has none.
 
 ``--check`` changes nothing and fails, naming the tables, when the README differs from the render.
 """
@@ -68,7 +74,7 @@ from kdzoo.results import (
     render_spec,
 )
 
-__all__ = ["load_suite", "main", "render_readme_tables", "run_suite"]
+__all__ = ["load_suite", "main", "render_readme_tables", "run_suite", "runs_table_spec"]
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 # A README table: its marker names the suite, the lines up to the closing marker are rendered.
@@ -110,6 +116,16 @@ def table_spec(suite: Mapping[str, Any]) -> dict[str, Any]:
     if suite.get("reference") is not None:
         spec.setdefault("reference", suite["reference"])
     return spec
+
+
+def runs_table_spec(suite: Mapping[str, Any]) -> dict[str, Any]:
+    """The table of the suite's own runs (``<out>/<suite>.md``, from ``<out>/<suite>.csv``): its
+    ``table:`` block without what belongs to a README table of another CSV: ``csv``, ``pivot``
+    and, with a pivot, the pivot's ``columns`` (cost columns joined by strategy, which the
+    runs' table would show alone)."""
+    spec = table_spec(suite)
+    dropped = {"csv", "pivot", *(["columns"] if spec.get("pivot") else [])}
+    return {k: v for k, v in spec.items() if k not in dropped}
 
 
 def run_suite(
@@ -199,8 +215,7 @@ def run_suite(
         return rows
     all_rows = read_rows(out / f"{table}.csv")
     title = f"kdzoo bench {name}{' --fast' if fast else ''}"
-    spec = {k: v for k, v in table_spec(suite).items() if k not in ("csv", "pivot")}
-    markdown = f"## {title}\n\n" + render_spec(spec, all_rows)
+    markdown = f"## {title}\n\n" + render_spec(runs_table_spec(suite), all_rows)
     (out / f"{table}.md").write_text(markdown)
     plot_bars(all_rows, out / f"{table}.png", title=f"{title}: {metric}", metric=metric)
     if streams:

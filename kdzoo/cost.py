@@ -19,16 +19,20 @@ writes it) on the input the run was trained on:
 
 Throughput is measured on a finished suite by ``tools/bench_cost.py`` (:func:`measure_suite`),
 on a quiet machine, never by the training run: training loads the machine, and a number measured
-there says little. The rows go to ``benchmarks/<suite>_cost.csv``
-(:data:`kdzoo.results.COST_FIELDS`), which the result tables join by run name
-(:func:`kdzoo.results.read_cost`, ``render_table(cost=...)``).
+there says little. A suite's active-learning part (``<out>/<suite>_active``) adds one row per
+selection strategy, named after it (:func:`measure_active`: every round trains the same student
+network). The rows go to ``benchmarks/<suite>_cost.csv`` (:data:`kdzoo.results.COST_FIELDS`),
+which the result tables join by run name, a pivot table of the rounds by strategy
+(:func:`kdzoo.results.read_cost`, ``render_table(cost=...)``, ``render_pivot(cost=...)``).
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -53,14 +57,20 @@ __all__ = [
     "RUNTIMES",
     "CostError",
     "RunNetwork",
+    "active_log_dirs",
+    "active_strategies",
     "count_macs",
     "count_parameters",
     "input_shapes",
     "load_run_network",
     "measure",
+    "measure_active",
+    "measure_log_dirs",
     "measure_suite",
+    "newest_round",
     "onnx_session",
     "onnxruntime_version",
+    "suite_log_dirs",
     "throughput",
 ]
 
@@ -361,9 +371,124 @@ def measure_suite(
     (:class:`CostError`) is logged and left out. ``git_commit`` is the checkout's commit
     (:func:`kdzoo.bench.git_commit`), recorded in every row.
     """
+    options = {"warmup": warmup, "reps": reps, "runtimes": runtimes, "git_commit": git_commit}
+    return measure_log_dirs(suite_log_dirs(results, runs, log=log), log=log, **options)
+
+
+def suite_log_dirs(
+    results: str | Path, runs: str | Path | None = None, *, log: Callable[[str], None] = print
+) -> list[tuple[str, str, Path]]:
+    """``(run, student, log_dir)`` of each run of the results CSV ``results``, as
+    :func:`measure_suite` finds them; a run whose log directory is gone is logged and left out."""
     newest: dict[str, Mapping[str, str]] = {}  # runs in order, each its last (newest) row
     for row in read_rows(results):
         newest[row["run"]] = row
+    found = []
+    for run, row in newest.items():
+        try:
+            found.append((run, row.get("student", ""), _log_dir(run, row.get("config", ""), runs)))
+        except CostError as err:
+            log(f"{run}: skipped, {err}")
+    return found
+
+
+def measure_active(
+    active: str | Path,
+    *,
+    warmup: int = 5,
+    reps: int = 30,
+    runtimes: Sequence[str] = tuple(RUNTIMES),
+    git_commit: str = "",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One cost row per selection strategy of the active-learning results directory ``active``
+    (``<out>/<suite>_active`` as ``kdzoo bench run`` or ``kdzoo active run`` writes it), its
+    ``run`` the strategy's name: what a pivot table of the rounds joins by its rows.
+
+    Every round of every strategy trains a fresh student of the same configuration, so a round's
+    network is the strategy's; the newest round's log directory (:func:`newest_round`) is
+    measured. Rounds keep no checkpoints, so :func:`load_run_network` rebuilds the network from
+    the round's ``config.yaml`` + ``hparams.yaml`` with random weights, which do not change the
+    cost. The strategies are those of ``rounds.csv`` (:func:`active_strategies`), in its order;
+    as in :func:`measure_suite`, identical networks on identical inputs are measured once, and a
+    strategy whose network cannot be rebuilt is logged and left out.
+    """
+    options = {"warmup": warmup, "reps": reps, "runtimes": runtimes, "git_commit": git_commit}
+    return measure_log_dirs(active_log_dirs(active, log=log), log=log, **options)
+
+
+def active_log_dirs(
+    active: str | Path, *, log: Callable[[str], None] = print
+) -> list[tuple[str, str, Path]]:
+    """``(strategy, student, log_dir)`` of each strategy of the active-learning results directory
+    ``active``, as :func:`measure_active` finds them; a strategy without a round's log directory
+    is logged and left out."""
+    found = []
+    for strategy in active_strategies(active):
+        try:
+            log_dir = newest_round(Path(active) / strategy)
+        except CostError as err:
+            log(f"{strategy}: skipped, {err}")
+            continue
+        found.append((strategy, _logged_student(log_dir), log_dir))
+    return found
+
+
+def active_strategies(active: str | Path) -> list[str]:
+    """The strategies of the active-learning results directory ``active``, in the order of its
+    ``rounds.csv`` (one row per finished round, :mod:`kdzoo.active.report`)."""
+    path = Path(active) / "rounds.csv"
+    if not path.is_file():
+        raise CostError(
+            f"{active} holds no rounds.csv: not an active-learning results directory "
+            "(kdzoo active run, or kdzoo bench run of a suite with an active: block, writes one)"
+        )
+    with path.open(newline="") as f:
+        return list(dict.fromkeys(row["strategy"] for row in csv.DictReader(f)))
+
+
+# A round's log directory under its strategy's folder, as the active-learning loop names it.
+_ROUND_DIR = re.compile(r"seed(\d+)/round(\d+)/version_(\d+)")
+
+
+def newest_round(strategy_dir: str | Path) -> Path:
+    """The log directory of a strategy's newest round, ``seed<k>/round<r>/version_<n>`` under
+    ``strategy_dir``, among those holding ``config.yaml`` and ``hparams.yaml`` (a round stopped
+    before training holds neither): the highest round, then seed, then version. Numbers are
+    compared as numbers (round10 after round9), not by the folders' times, which a copy changes."""
+    strategy_dir = Path(strategy_dir)
+    rounds = {}
+    for path in strategy_dir.glob("seed*/round*/version_*"):
+        match = _ROUND_DIR.fullmatch(path.relative_to(strategy_dir).as_posix())
+        if match and (path / "config.yaml").is_file() and (path / "hparams.yaml").is_file():
+            seed, round_, version = map(int, match.groups())
+            rounds[(round_, seed, version)] = path
+    if not rounds:
+        raise CostError(f"{strategy_dir} holds no seed*/round*/version_* with a logged config")
+    return rounds[max(rounds)]
+
+
+def _logged_student(log_dir: Path) -> str:
+    """The student a round logged in ``hparams.yaml`` (its timm name), ``""`` if none."""
+    hparams = yaml.safe_load((log_dir / "hparams.yaml").read_text()) or {}
+    return str(hparams.get("student") or "")
+
+
+def measure_log_dirs(
+    found: Sequence[tuple[str, str, Path]],
+    *,
+    warmup: int = 5,
+    reps: int = 30,
+    runtimes: Sequence[str] = tuple(RUNTIMES),
+    git_commit: str = "",
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+    """One cost row per ``(run, student, log_dir)`` of ``found`` (:func:`suite_log_dirs`,
+    :func:`active_log_dirs`, or both, so that a suite's runs and its strategies share a
+    measurement too), in order: the network of ``log_dir`` (:func:`load_run_network`) measured
+    once per distinct network (module structure) and input shapes, later runs of the same one
+    sharing its numbers; a run whose network cannot be rebuilt (:class:`CostError`) logged and
+    left out."""
     common = {
         "threads": torch.get_num_threads(),
         "cpu": cpu_name(),
@@ -373,9 +498,9 @@ def measure_suite(
     }
     measured: dict[tuple[str, str], dict[str, Any]] = {}
     cost_rows = []
-    for run, row in newest.items():
+    for run, student, log_dir in found:
         try:
-            loaded = load_run_network(_log_dir(run, row.get("config", ""), runs))
+            loaded = load_run_network(log_dir)
         except CostError as err:
             log(f"{run}: skipped, {err}")
             continue
@@ -396,7 +521,7 @@ def measure_suite(
         cost_rows.append(
             {
                 "run": run,
-                "student": row.get("student", ""),
+                "student": student,
                 "input": "+".join("x".join(map(str, s)) for s in loaded.shapes),
                 **measured[key],
                 **common,

@@ -18,7 +18,9 @@ format kdzoo wrote before (a column per metric) is refused with the command that
 A cost CSV (:data:`COST_FIELDS`, ``benchmarks/<suite>_cost.csv``, written by
 ``tools/bench_cost.py``, see :mod:`kdzoo.cost`) holds what each run's student costs at inference:
 parameters, MACs and CPU throughput. A table declares the cost columns it shows
-(:data:`COST_COLUMNS`) and joins them by run name (:func:`read_cost`, ``render_table(cost=...)``).
+(:data:`COST_COLUMNS`) and joins them by run name (:func:`read_cost`, ``render_table(cost=...)``);
+a pivot table (active learning's rounds) joins them by its line's key, the selection strategy,
+whose cost rows are named after it (``render_pivot(cost=...)``).
 """
 
 from __future__ import annotations
@@ -372,13 +374,24 @@ def render_pivot(
     value: str,
     seed: str = "seed",
     header: str = "{}",
+    cost_columns: Sequence[str] = (),
+    cost: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """A Markdown table of ``value`` by ``index`` (lines) and ``columns`` (columns), e.g. test
     top-1 by strategy and labelled count: the mean over ``seed`` (newest row of each (index,
     column, seed)), ``± sd`` with two or more seeds and ``(n)`` where fewer seeds than the most
-    in the table reached that cell; then the seeds, the time (mean over seeds of the summed
-    ``wall_clock_s``) and the commits of the line's rows. ``header`` formats a column's value
-    as its header (e.g. ``"{} labels"``)."""
+    in the table reached that cell; then the ``cost_columns`` (:data:`COST_COLUMNS`, the only
+    other columns a pivot can show; ``cost`` joined by the line's ``index`` value, e.g. the
+    strategy, as :func:`render_table` joins them by run; ``-`` without a cost row), the seeds,
+    the time (mean over seeds of the summed ``wall_clock_s``) and the commits of the line's rows.
+    ``header`` formats a column's value as its header (e.g. ``"{} labels"``)."""
+    not_cost = [c for c in cost_columns if c not in COST_COLUMNS]
+    if not_cost:
+        raise ValueError(
+            f"a pivot table's columns can only be cost columns, not {not_cost}; "
+            f"allowed: {list(COST_COLUMNS)}"
+        )
+    cost = dict(cost or {})
     latest: dict[tuple[str, str, str], Mapping[str, str]] = {}
     for row in rows:
         latest[(row[index], row[columns], str(row.get(seed, "")))] = row
@@ -390,19 +403,13 @@ def render_pivot(
     most = max((len(v) for v in cells.values()), default=0)
     has_time = any(r.get("wall_clock_s") not in ("", None) for r in rows)
     has_commit = any(r.get("git_commit") not in ("", None) for r in rows)
-    head = [index, *(header.format(c) for c in column_values), "seeds"]
+    head = [index, *(header.format(c) for c in column_values)]
+    head += [COST_COLUMNS[c][0] for c in cost_columns] + ["seeds"]
     head += ["time (s)"] * has_time + ["commit"] * has_commit
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for line in keys:
-        out = []
-        for column in column_values:
-            values = cells.get((line, column), [])
-            cell = f"{statistics.fmean(values):.2f}" if values else "-"
-            if len(values) > 1:
-                cell += f" ± {statistics.stdev(values):.2f}"
-            if values and len(values) < most:
-                cell += f" ({len(values)})"
-            out.append(cell)
+        out = [_pivot_cell(cells.get((line, column), []), most) for column in column_values]
+        out += [_cost_cell(column, cost.get(line, {})) for column in cost_columns]
         mine = [row for (k, _, _), row in latest.items() if k == line]
         seeds = list(dict.fromkeys(str(row.get(seed, "")) for row in mine))
         out.append(",".join(seeds))
@@ -418,13 +425,27 @@ def render_pivot(
     return "\n".join(lines) + "\n"
 
 
+def _pivot_cell(values: Sequence[float], most: int) -> str:
+    """A pivot cell: the mean of its seeds' values, ``± sd`` with two or more, ``(n)`` where
+    fewer seeds than ``most`` (the most of any cell) reached it; ``-`` for none."""
+    if not values:
+        return "-"
+    cell = f"{statistics.fmean(values):.2f}"
+    if len(values) > 1:
+        cell += f" ± {statistics.stdev(values):.2f}"
+    if len(values) < most:
+        cell += f" ({len(values)})"
+    return cell
+
+
 def render_spec(
     spec: Mapping[str, Any],
     rows: Sequence[Mapping[str, str]],
     cost: Mapping[str, Mapping[str, str]] | None = None,
 ) -> str:
     """The table a suite's ``table:`` block declares (see :mod:`kdzoo.bench`), from ``rows``,
-    its cost columns (if it declares any) from ``cost`` (:func:`read_cost`)."""
+    its cost columns (if it declares any) from ``cost`` (:func:`read_cost`). With ``pivot``,
+    ``columns`` may only name cost columns, added to each line of the pivot."""
     known = {"csv", "metric", "reference", "header", "columns", "extra", "notes", "pivot"}
     unknown = set(spec) - known
     if unknown:
@@ -437,6 +458,8 @@ def render_spec(
             columns=pivot["columns"],
             value=pivot["value"],
             header=pivot.get("header", "{}"),
+            cost_columns=spec.get("columns") or (),
+            cost=cost,
         )
     return render_table(
         rows,

@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from kdzoo.bench import main as bench_main
-from kdzoo.bench import run_suite
-from kdzoo.results import append_rows, read_rows
+from kdzoo.bench import run_suite, runs_table_spec
+from kdzoo.results import COST_FIELDS, append_rows, read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 KDZOO = str(Path(sys.executable).with_name("kdzoo"))
@@ -143,6 +143,48 @@ def test_a_marker_without_results_is_an_error(mini_tables):
     (mini_tables / "benchmarks/mini.csv").unlink()
     status = tables("--check", *options(mini_tables))  # SystemExit with the message
     assert "mini.csv, which does not exist" in str(status)
+
+
+def test_a_pivot_table_shows_each_strategys_cost_from_the_cost_csv(tmp_path):
+    """An active-learning pivot declares cost columns, joined by strategy from
+    benchmarks/<suite>_cost.csv; any other column is refused, naming the allowed ones."""
+    (tmp_path / "configs/bench").mkdir(parents=True)
+    suite = tmp_path / "configs/bench/al.yaml"
+    suite.write_text(
+        "runs: []\ntable:\n  csv: al_active.csv\n"
+        "  pivot: {rows: strategy, columns: n_labelled, value: test_top1}\n"
+        "  columns: [params, macs]\n"
+    )
+    (tmp_path / "benchmarks").mkdir()
+    (tmp_path / "benchmarks/al_active.csv").write_text(
+        "strategy,seed,round,n_labelled,test_top1\nrandom,0,0,10,50.0\nbadge,0,0,10,55.0\n"
+    )
+    cost = {"run": "random", "params": 1_500_000, "macs": 20_000_000}
+    append_rows(tmp_path / "benchmarks/al_cost.csv", [cost], COST_FIELDS)
+    (tmp_path / "README.md").write_text("<!-- kdzoo:table al -->\n<!-- /kdzoo:table -->\n")
+    assert tables(*options(tmp_path)) == 0
+    assert (tmp_path / "README.md").read_text() == (
+        "<!-- kdzoo:table al -->\n\n"
+        "| strategy | 10 | params (M) | MACs (M) | seeds |\n"
+        "|---|---|---|---|---|\n"
+        "| random | 50.00 | 1.50 | 20.0 | 0 |\n"
+        "| badge | 55.00 | - | - | 0 |\n"
+        "\n<!-- /kdzoo:table -->\n"
+    )
+    suite.write_text(suite.read_text().replace("macs]", "macs, seeds]"))
+    message = str(tables("--check", *options(tmp_path)))
+    assert "table 'al'" in message and "['seeds']" in message
+    assert "allowed: ['params', 'macs', 'eager', 'ort']" in message
+
+
+def test_the_runs_table_of_a_pivot_suite_leaves_out_the_pivots_cost_columns():
+    """``kdzoo bench run`` renders <out>/<suite>.md of the suite's own runs: a pivot's cost
+    columns (joined by strategy) are not that table's columns."""
+    pivot = {"rows": "strategy", "columns": "n_labelled", "value": "test_top1"}
+    table = {"csv": "al_active.csv", "pivot": pivot, "columns": ["params", "macs"]}
+    assert runs_table_spec({"runs": [], "table": table}) == {"metric": "top1"}
+    plain = {"runs": [], "table": {"columns": ["run", "value", "params"]}}
+    assert runs_table_spec(plain) == {"columns": ["run", "value", "params"], "metric": "top1"}
 
 
 # ---- --record -------------------------------------------------------------------------------

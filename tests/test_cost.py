@@ -1,5 +1,5 @@
 """The cost columns: parameters and MACs against hand counts, throughput, a suite's cost rows,
-and the result table joining them."""
+an active-learning part's cost rows (one per strategy), and the tables joining them."""
 
 from __future__ import annotations
 
@@ -16,13 +16,18 @@ from torch import nn
 
 import kdzoo.models  # noqa: F401  (registers test_resnet)
 from kdzoo.cost import (
+    CostError,
+    active_strategies,
     count_macs,
     count_parameters,
     measure,
+    measure_active,
     measure_suite,
+    newest_round,
     onnx_session,
     throughput,
 )
+from kdzoo.methods import DualHeadDistillation
 from kdzoo.results import (
     COST_FIELDS,
     append_rows,
@@ -182,6 +187,93 @@ def test_the_tool_appends_the_rows_of_a_finished_suite(tmp_path):
     assert float(row["eager_b32"]) > 0 and row["ort_b32"] == ""
 
 
+# ---- an active-learning part ---------------------------------------------------------------
+
+# A DHO round's hyper-parameters as hparams.yaml logs them (the teacher is not part of the
+# deployed student, so it is left out).
+DHO_HPARAMS = {"student": "test_resnet", "num_classes": 10, "in_chans": 1,
+               "student_kwargs": None, "alpha": 0.5, "beta": 1.0}  # fmt: skip
+
+
+def _round_dir(active: Path, strategy: str, seed: int, round_: int, hparams=DHO_HPARAMS) -> Path:
+    """A round's log folder as the active-learning loop leaves it: ``config.yaml`` and
+    ``hparams.yaml``, no checkpoint (rounds keep none)."""
+    log_dir = active / strategy / f"seed{seed}" / f"round{round_}" / "version_0"
+    log_dir.mkdir(parents=True)
+    config = {"model": {"class_path": "kdzoo.methods.DualHeadDistillation"}, "data": DATA}
+    (log_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    (log_dir / "hparams.yaml").write_text(yaml.safe_dump(hparams))
+    return log_dir
+
+
+def _active_results(root: Path) -> Path:
+    """``<out>/mini_active`` with two strategies of two rounds each and their ``rounds.csv``."""
+    active = root / "mini_active"
+    lines = ["strategy,seed,round,n_labelled,test_top1,wall_clock_s"]
+    for strategy in ("random", "entropy"):
+        for round_ in (0, 1):
+            _round_dir(active, strategy, 0, round_)
+            lines.append(f"{strategy},0,{round_},{10 * (round_ + 1)},50.0,1.0")
+    (active / "rounds.csv").write_text("\n".join(lines) + "\n")
+    return active
+
+
+def test_an_active_part_gets_one_cost_row_per_strategy_measured_once(tmp_path):
+    active = _active_results(tmp_path)
+    # An earlier round (round 0 of seed 1) of another network: the newest round is measured.
+    _round_dir(active, "random", 1, 0, {**DHO_HPARAMS, "num_classes": 3})
+    logged: list[str] = []
+    cost = measure_active(active, warmup=0, reps=1, runtimes=("eager",), log=logged.append)
+    assert [r["run"] for r in cost] == ["random", "entropy"]  # rounds.csv's order
+    assert logged[0].endswith(", random)")  # random weights: no checkpoint
+    assert logged[1] == "entropy: the network of an earlier run"
+    student = DualHeadDistillation.deployable(DHO_HPARAMS).network.eval()
+    for row in cost:
+        assert set(row) == set(COST_FIELDS)
+        assert row["student"] == "test_resnet" and row["input"] == "1x28x28"
+        assert row["params"] == count_parameters(student)  # the backbone and both heads
+        assert row["macs"] == count_macs(student, torch.zeros(1, 1, 28, 28))
+        assert row["eager_b1"] > 0 and row["ort_b1"] == ""
+    assert cost[0]["eager_b32"] == cost[1]["eager_b32"]
+
+
+def test_the_newest_round_is_found_by_number_and_a_strategy_without_rounds_is_skipped(tmp_path):
+    for round_ in (2, 10, 9):
+        _round_dir(tmp_path, "s", 0, round_)
+    (tmp_path / "s/seed0/round11/version_0").mkdir(parents=True)  # stopped before training
+    assert newest_round(tmp_path / "s") == tmp_path / "s/seed0/round10/version_0"
+    with pytest.raises(CostError, match=r"no rounds\.csv"):
+        active_strategies(tmp_path)
+    (tmp_path / "rounds.csv").write_text("strategy,seed,round\nbadge,0,0\n")
+    logged: list[str] = []
+    assert measure_active(tmp_path, runtimes=("eager",), log=logged.append) == []
+    assert logged[0].startswith("badge: skipped,") and "seed*/round*/version_*" in logged[0]
+
+
+@pytest.mark.slow
+def test_the_tool_adds_one_row_per_strategy_of_the_active_part(tmp_path):
+    log_dir = _run_dir(tmp_path, "teacher", checkpoint=False)
+    row = {"run": "teacher", "metric": "top1", "value": 50.0, "config": str(log_dir / "x")}
+    append_rows(tmp_path / "mini.csv", [row])
+    active = _active_results(tmp_path)
+    tool = Path(__file__).resolve().parent.parent / "tools" / "bench_cost.py"
+    args = ["mini", "--out", str(tmp_path), "--cost_csv", str(tmp_path / "cost.csv")]
+    args += ["--threads", "1", "--warmup", "0", "--reps", "1", "--runtimes", "eager"]
+    run = [sys.executable, str(tool), *args]
+    done = subprocess.run([*run, "--active", str(active)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = read_rows(tmp_path / "cost.csv", COST_FIELDS)
+    assert [r["run"] for r in rows] == ["teacher", "random", "entropy"]
+    assert rows[0]["params"] != rows[1]["params"]  # one head against DHO's two
+    assert rows[1]["params"] == rows[2]["params"] and float(rows[1]["eager_b32"]) > 0
+    assert rows[1]["eager_b32"] == rows[2]["eager_b32"]  # measured once
+    # Without --active, <out>/mini_active is found, and refused when it is not an active part.
+    (active / "rounds.csv").unlink()
+    done = subprocess.run(run, capture_output=True, text=True)
+    assert done.returncode != 0 and "no rounds.csv" in done.stderr
+    assert len(read_rows(tmp_path / "cost.csv", COST_FIELDS)) == 3, "refused before measuring"
+
+
 # ---- the table ------------------------------------------------------------------------------
 
 
@@ -217,3 +309,41 @@ def test_without_a_cost_file_the_cost_columns_are_empty(tmp_path):
     assert render_table(_results(tmp_path), cost={"a": {"params": "5"}}) == render_table(
         _results(tmp_path)
     )
+
+
+def _rounds() -> list[dict]:
+    """Active-learning rounds as benchmarks/<suite>_active.csv holds them."""
+    common = {"seed": "0", "git_commit": "abc"}
+    return [
+        {**common, "strategy": strategy, "n_labelled": n, "test_top1": top1, "wall_clock_s": t}
+        for strategy, n, top1, t in (
+            ("random", "10", "50.0", "8.0"), ("random", "20", "60.0", "9.0"),
+            ("entropy", "10", "52.0", "8.0"), ("entropy", "20", "64.0", "10.0"),
+        )
+    ]  # fmt: skip
+
+
+PIVOT = {"rows": "strategy", "columns": "n_labelled", "value": "test_top1", "header": "{} labels"}
+
+
+def test_a_pivot_joins_the_cost_columns_it_declares_by_strategy(tmp_path):
+    cost = {"run": "random", "params": 78_100, "eager_b1": 1520.4, "eager_b32": 8230.6}
+    append_rows(tmp_path / "mini_cost.csv", [cost], COST_FIELDS)
+    spec = {"pivot": PIVOT, "columns": ["params", "eager"]}
+    table = render_spec(spec, _rounds(), cost=read_cost(tmp_path / "mini_cost.csv"))
+    assert table.splitlines() == [
+        "| strategy | 10 labels | 20 labels | params (M) | img/s b1 / b32 eager | seeds "
+        "| time (s) | commit |",
+        "|---|---|---|---|---|---|---|---|",
+        "| random | 50.00 | 60.00 | 0.0781 | 1520 / 8231 | 0 | 17 | abc |",
+        "| entropy | 52.00 | 64.00 | - | - | 0 | 18 | abc |",  # no cost row for entropy
+    ]
+    # Undeclared, the cost columns never appear.
+    plain = render_spec({"pivot": PIVOT}, _rounds(), cost=read_cost(tmp_path / "mini_cost.csv"))
+    assert "params" not in plain and "| random | 50.00 | 60.00 | 0 | 17 | abc |" in plain
+
+
+def test_a_pivot_refuses_a_column_that_is_not_a_cost_column():
+    spec = {"pivot": PIVOT, "columns": ["params", "seeds"]}
+    with pytest.raises(ValueError, match=r"not \['seeds'\].*allowed: \['params', 'macs', 'eager'"):
+        render_spec(spec, _rounds(), cost={})
