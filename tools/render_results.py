@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from kdzoo.bench import default_configs_dir, table_spec
+from kdzoo.bench import default_configs_dir, runs_table_spec
 from kdzoo.results import plot_bars, read_rows, render_spec
 
 
@@ -29,7 +29,7 @@ def main() -> None:
     suite_file = (args.configs_dir or default_configs_dir()) / "bench"
     suite_file /= f"{args.csv.stem.removesuffix('_fast')}.yaml"
     suite = yaml.safe_load(suite_file.read_text()) if suite_file.is_file() else {"runs": []}
-    spec = {k: v for k, v in table_spec(suite).items() if k not in ("csv", "pivot")}
+    spec = runs_table_spec(suite)
     if args.metric and args.metric != spec.get("metric"):  # the suite's layout is for its metric
         spec = {"metric": args.metric, "reference": spec.get("reference")}
     if args.reference:
