@@ -614,7 +614,7 @@ def test_methods_needing_more_than_the_cache_holds(env: Env) -> None:
 def test_methods_running_the_teacher_live_refuse_a_cache(env: Env) -> None:
     spec = TeacherSpec("test_resnet", weights=str(env.weights), cache=str(env.kd_cache))
     common = {"student": "test_resnet", "in_chans": 1}
-    with pytest.raises(ConfigError, match=r"teacher\.cache is set"):
+    with pytest.raises(ConfigError, match=r"teacher\.cache is set, but DHO .* repeated within"):
         DualHeadDistillation(teacher=spec, num_classes=NUM_CLASSES, **common)
     specialists = [
         TeacherSpec("test_resnet", weights="random", cache=str(env.kd_cache)) for _ in range(2)

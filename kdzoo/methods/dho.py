@@ -184,6 +184,15 @@ class DualHeadDistillation(KDZooModule):
                 f"data has {hp.num_classes}: DHO distils class by class, remove "
                 "teacher.num_classes (the teacher must be trained on this data's classes)"
             )
+        if spec.cache is not None:
+            # A cache holds one view per (epoch, sample); DHO's labelled set is repeated to the
+            # pool's length within an epoch, each repetition another augmentation, which one
+            # stored view per epoch would collapse (exact replay keys views by sample).
+            raise ConfigError(
+                "teacher.cache is set, but DHO runs its teacher live: its labelled images are "
+                "repeated within an epoch, each time augmented anew, and a teacher cache holds "
+                "one view per sample and epoch; remove --model.init_args.teacher.cache"
+            )
         self.teacher = build_teacher(
             spec,
             num_classes=hp.num_classes,
