@@ -132,22 +132,43 @@ def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.startswith("student.")}
 
 
-def test_float32_cache_trains_the_live_run_bit_for_bit(built: Built, live_run: Path) -> None:
-    # fp16 storage moves the logits by up to 2^-11 (relative), which SGD amplifies; fp32 storage
-    # holds what the live teacher computes, so nothing differs: every loss and every weight.
+@pytest.fixture(scope="module")
+def cache32(built: Built) -> Path:
+    """A float32 cache of the run's teacher."""
     cache = built.cwd / "cache32"
     kdzoo(
         "cache", "build", "-c", str(built.config), "--epochs", "2", "--out", str(cache),
         "--dtype", "float32", cwd=built.cwd,
     )  # fmt: skip
-    info = kdzoo("cache", "info", str(cache), cwd=built.cwd).stdout
+    return cache
+
+
+def test_float32_cache_trains_the_live_run_bit_for_bit(
+    built: Built, live_run: Path, cache32: Path
+) -> None:
+    # fp16 storage moves the logits by up to 2^-11 (relative), which SGD amplifies; fp32 storage
+    # holds what the live teacher computes, so nothing differs: every loss and every weight.
+    info = kdzoo("cache", "info", str(cache32), cwd=built.cwd).stdout
     assert "every logit, float32" in info
-    run = fit(built, "cached32", f"--model.init_args.teacher.cache={cache}")
+    run = fit(built, "cached32", f"--model.init_args.teacher.cache={cache32}")
     assert train_losses(run) == train_losses(live_run)
     cached, live = student_weights(run), student_weights(live_run)
     assert cached.keys() == live.keys() and cached
     for name, value in live.items():
         assert torch.equal(cached[name], value), name
+
+
+def test_interrupted_cached_run_resumes_to_the_live_result(
+    built: Built, live_run: Path, cache32: Path
+) -> None:
+    # Stopped after epoch 0, resumed from last.ckpt: epoch 1 reads epoch 1's stored outputs.
+    option = f"--model.init_args.teacher.cache={cache32}"
+    run = fit(built, "resumed", option, "--trainer.max_epochs=1")
+    fit(built, "resumed", option, "--ckpt_path=last")
+    assert not run.with_name("version_1").exists(), "resumed into its run"
+    resumed, live = student_weights(run), student_weights(live_run)
+    for name, value in live.items():
+        assert torch.equal(resumed[name], value), name
 
 
 def test_verify(built: Built) -> None:
