@@ -4,7 +4,9 @@
 (``--data.init_args.augment_seed``) and stores its outputs (:mod:`kdzoo.cache.build`);
 ``--model.init_args.teacher.cache DIR`` trains from them (:class:`CachedTeacher`), refusing a
 cache built for another teacher, data, transforms, seed or fewer epochs; ``kdzoo cache verify``
-and ``kdzoo cache info`` check and describe one (:mod:`kdzoo.cache.report`).
+and ``kdzoo cache info`` check and describe one (:mod:`kdzoo.cache.report`). The teachers that
+can be cached are the timm classifiers of the classification methods and the cross-modal teacher
+of CrossModalKD on paired-modality data (:mod:`kdzoo.cache.adapters`).
 """
 
 from kdzoo.cache.store import CacheError

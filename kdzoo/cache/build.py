@@ -3,7 +3,11 @@
 ``kdzoo cache build -c run.yaml --epochs E --out DIR`` instantiates the run (its model, whose
 teacher is built live, and its datamodule, which must set ``augment_seed``) and runs the teacher
 over the training view of every sample in epochs ``0..E-1``: view ``(augment_seed, e, i)``, the
-one training will see (:meth:`~kdzoo.datamodules.loading.TransformedDataset.view`). The work is
+one training will see (:meth:`~kdzoo.datamodules.loading.TransformedDataset.view`; the same
+item in every epoch for paired-modality data, :meth:`~kdzoo.datamodules.paired.PairedDataset.view`,
+which is not augmented). The model says how its teacher is run and recorded through its
+``cache_adapter()`` (:mod:`kdzoo.cache.adapters`: a timm classifier, or a cross-modal network
+that gives logits only), so nothing here depends on the method. The work is
 cut into units of (epoch, chunk of ``chunk_size`` samples), one shard each, written atomically
 with a sidecar; a rerun after an interruption skips the units whose shard is complete. Under
 DDP (``--trainer.devices N --trainer.strategy ddp``) rank ``r`` computes units ``r, r+N, ...``;
@@ -22,7 +26,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kdzoo import __version__
-from kdzoo.cache.manifest import FORMAT, VERSION, data_record, differences, weights_sha256
+from kdzoo.cache.adapters import OUTPUTS, TeacherAdapter
+from kdzoo.cache.manifest import FORMAT, VERSION, data_record, differences
 from kdzoo.cache.store import (
     DEFAULT_TOP_K,
     DTYPES,
@@ -38,14 +43,14 @@ from kdzoo.cache.store import (
     write_json,
     write_shard,
 )
+from kdzoo.cache.teacher import CachedTeacher
+from kdzoo.models.teacher import CACHE_READERS
 
-__all__ = ["OUTPUTS", "build_cache", "plan_manifest"]
+__all__ = ["OUTPUTS", "build_cache", "plan_manifest", "teacher_adapter"]
 
 PLAN = "build.json"
 STATISTICS = "statistics.safetensors"
 DEFAULT_CHUNK = 8192
-#: What a cache can hold. The class-mean tables are over epoch 0's views, float64.
-OUTPUTS = ("logits", "embedding_norm", "embedding_class_means", "softmax_class_means")
 _STATISTICS = {"embedding_class_means": "embedding", "softmax_class_means": "softmax"}
 
 
@@ -60,19 +65,13 @@ def plan_manifest(
     dtype: str = "float16",
 ) -> dict[str, Any]:
     """The manifest of the cache of ``model``'s teacher over ``datamodule``, without shards."""
-    teacher = getattr(model, "teacher", None)
-    backbone = getattr(teacher, "backbone", None)
-    if backbone is None or not hasattr(backbone, "embedding_dim"):
-        raise CacheError(
-            f"{type(model).__name__} has no timm classifier teacher to cache (a kdzoo "
-            "distillation method with --model.init_args.teacher is needed)"
-        )
+    adapter = teacher_adapter(model)
     if getattr(datamodule.train, "augment_seed", None) is None:
         raise CacheError(
             "kdzoo cache build needs exact-replay views: set --data.init_args.augment_seed S "
             "(and the same S when training from the cache)"
         )
-    num_classes = int(backbone.num_classes)
+    num_classes = adapter.num_classes
     if k is not None and not 0 < k < num_classes:
         raise CacheError(f"--k must be in 1..{num_classes - 1}, got {k}")
     if dtype not in DTYPES:
@@ -83,21 +82,17 @@ def plan_manifest(
     unknown = sorted(set(wanted) - set(OUTPUTS))
     if unknown:
         raise CacheError(f"unknown cache outputs {unknown}: choose from {', '.join(OUTPUTS)}")
-    spec = dict(model.hparams.teacher)
-    parameters = list(backbone.parameters())
+    unavailable = [o for o in OUTPUTS if o in wanted and o not in adapter.outputs]
+    if unavailable:
+        raise CacheError(
+            f"the teacher of {type(model).__name__} gives only {', '.join(adapter.outputs)}, not "
+            f"{', '.join(unavailable)}: leave them out of --outputs"
+        )
     return {
         "format": FORMAT,
         "version": VERSION,
         "kdzoo_version": __version__,
-        "teacher": {
-            "architecture": backbone.name,
-            "weights": spec.get("weights"),
-            "weights_sha256": weights_sha256(spec.get("weights")),
-            "num_classes": num_classes,
-            "embedding_dim": int(backbone.embedding_dim),
-            "parameters": sum(p.numel() for p in parameters),
-            "parameter_bytes": sum(p.numel() * p.element_size() for p in parameters),
-        },
+        "teacher": adapter.record(),
         "data": data_record(datamodule),
         "epochs": epochs,
         "logits": {
@@ -109,6 +104,23 @@ def plan_manifest(
         "outputs": [o for o in OUTPUTS if o in wanted],
         "chunk_size": chunk_size,
     }
+
+
+def teacher_adapter(model: Any) -> TeacherAdapter:
+    """How ``model``'s live teacher is run and recorded (its ``cache_adapter()``)."""
+    if isinstance(getattr(model, "teacher", None), CachedTeacher):
+        raise CacheError(
+            "this run reads its teacher from a cache (teacher.cache is set): remove "
+            "--model.init_args.teacher.cache to build a cache from the live teacher"
+        )
+    make = getattr(model, "cache_adapter", None)
+    if make is None:
+        raise CacheError(
+            f"{type(model).__name__} has no teacher to cache: kdzoo cache build takes the run "
+            f"config of a method that reads a teacher cache ({', '.join(CACHE_READERS)}) with "
+            "its --model.init_args.teacher"
+        )
+    return make()
 
 
 def _same_build(plan: dict[str, Any], found: dict[str, Any]) -> list[str]:
@@ -169,7 +181,8 @@ def _complete(out: Path, epoch: int, chunk: int) -> dict[str, Any] | None:
 
 
 class _Views(Dataset):
-    """The exact training views of the samples of some units: ``(image, target, id, unit)``."""
+    """The exact training views of the samples of some units: ``(*inputs, target, id, unit)``
+    (one input, the image, for classification data; two for paired modalities)."""
 
     def __init__(self, dataset: Any, todo: Sequence[tuple[int, int, int, int]]) -> None:
         self.dataset = dataset
@@ -180,10 +193,9 @@ class _Views(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, n: int) -> tuple[torch.Tensor, int, int, int]:
+    def __getitem__(self, n: int) -> tuple[Any, ...]:
         unit, epoch, i = self.items[n]
-        image, target, sample_id = self.dataset.view(i, epoch)
-        return image, target, sample_id, unit
+        return (*self.dataset.view(i, epoch), unit)
 
 
 class _UnitBatches(Sampler[list[int]]):
@@ -207,7 +219,7 @@ class _UnitBatches(Sampler[list[int]]):
 @torch.no_grad()
 def run_units(
     fabric: L.Fabric,
-    teacher: torch.nn.Module,
+    adapter: TeacherAdapter,
     dataset: Any,
     todo: Sequence[tuple[int, int, int, int]],
     plan: dict[str, Any],
@@ -224,17 +236,13 @@ def run_units(
         batch_sampler=_UnitBatches(mine, batch_size),
         num_workers=num_workers,
     )
-    teacher = teacher.to(fabric.device).eval()
+    adapter.to(fabric.device)
     pending: dict[str, list[torch.Tensor]] = {}
-    for images, targets, ids, unit in loader:
+    for *inputs, targets, ids, unit in loader:
         with fabric.autocast():
-            output = teacher(images.to(fabric.device))
-        for name, value in (
-            ("ids", ids),
-            ("targets", targets),
-            ("logits", output.logits.float()),
-            ("embedding", output.embedding.float()),
-        ):
+            output = adapter.run([x.to(fabric.device) for x in inputs])
+        measured = [(name, value.float()) for name, value in output.items()]
+        for name, value in (("ids", ids), ("targets", targets), *measured):
             pending.setdefault(name, []).append(value.detach().cpu())
         epoch, chunk, _, n = mine[int(unit[0])]
         if sum(len(t) for t in pending["ids"]) == n:
@@ -255,7 +263,8 @@ def _shard(plan: dict[str, Any], epoch: int, done: dict[str, torch.Tensor]) -> d
     if epoch == 0:
         classes, targets = plan["teacher"]["num_classes"], done["targets"].long()
         tensors["stat/count"] = torch.bincount(targets, minlength=classes).double()
-        measured = {"embedding": done["embedding"], "softmax": done["logits"].softmax(dim=1)}
+        # No embedding from a teacher that gives logits only (its plan asks for no table of it).
+        measured = {"embedding": done.get("embedding"), "softmax": done["logits"].softmax(dim=1)}
         for name, source in _STATISTICS.items():
             if name in plan["outputs"]:
                 values = measured[source].double()
@@ -336,7 +345,7 @@ def build_cache(
         batch_size = batch_size or datamodule.batch_size
         workers = datamodule.num_workers
         run_units(
-            fabric, model.teacher, datamodule.train, todo, plan, out,
+            fabric, teacher_adapter(model), datamodule.train, todo, plan, out,
             batch_size=batch_size, num_workers=workers,
         )  # fmt: skip
     fabric.barrier()

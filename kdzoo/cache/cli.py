@@ -5,9 +5,9 @@
     kdzoo cache info DIR
 
 ``-c`` files and any other ``--model.* / --data.* / --trainer.*`` options are those of
-``kdzoo fit`` for the run whose teacher is cached (the run must set
-``--data.init_args.augment_seed``); train from the cache with the same run and
-``--model.init_args.teacher.cache DIR``.
+``kdzoo fit`` for the run whose teacher is cached (a classification distillation run or a
+CrossModalKD run; it must set ``--data.init_args.augment_seed``); train from the cache with the
+same run and ``--model.init_args.teacher.cache DIR``.
 """
 
 from __future__ import annotations

@@ -1,11 +1,15 @@
 """What a teacher-output cache was built from, and the check that a run matches it.
 
 The manifest records the teacher (architecture, sha256 of its weight file, classes, embedding
-width), the data (datamodule class and the settings that change the training images, a
-fingerprint of the training transform pipeline, a fingerprint of the training samples: their
-ids, labels and pixels or files), the augment seed, the number of epochs, the logits encoding,
-the outputs stored and the shards. :func:`differences` lists every field in which a run differs
-from a manifest: a stale cache is refused with all of them named in one line, never used.
+width; what it records is its adapter's, :mod:`kdzoo.cache.adapters`), the data (datamodule
+class and the settings that change the training images, a fingerprint of the training transform
+pipeline, a fingerprint of the training samples: their ids, labels and pixels or files), the
+augment seed, the number of epochs, the logits encoding, the outputs stored and the shards.
+Paired-modality data (:class:`~kdzoo.datamodules.paired.PairedDataset`) has the same fields: its
+"transforms" are the function that turns a stored pair into tensors (``prepare``), its samples
+the rows of both modality arrays and of the labels. :func:`differences` lists every field in
+which a run differs from a manifest: a stale cache is refused with all of them named in one line,
+never used.
 """
 
 from __future__ import annotations
@@ -66,9 +70,14 @@ def _plain(value: Any) -> Any:
 
 def dataset_fingerprint(dataset: Any) -> str:
     """sha256 over the training samples' ids, labels and content (pixels of in-memory images;
-    file names and sizes of image files, which are not read)."""
+    file names and sizes of image files, which are not read; the stored rows of both modalities
+    and the labels of paired data)."""
     ids = np.asarray(dataset.sample_ids, dtype=np.int64)
     digest = hashlib.sha256(ids.tobytes())
+    if hasattr(dataset, "prepare"):  # paired modalities
+        for array in (dataset.m1, dataset.m2, dataset.labels):
+            _hash_rows(digest, array, ids)
+        return digest.hexdigest()
     digest.update(np.asarray(dataset.targets, dtype=np.int64).tobytes())
     if hasattr(dataset, "images"):
         digest.update(np.ascontiguousarray(dataset.images[ids]).tobytes())
@@ -82,8 +91,42 @@ def dataset_fingerprint(dataset: Any) -> str:
     return digest.hexdigest()
 
 
+def _hash_rows(digest: Any, array: Any, ids: np.ndarray, chunk: int = 4096) -> None:
+    """Add the rows ``ids`` of ``array`` (an array, a memory map, or anything indexed by an
+    integer), with their dtype and shape, to ``digest``; row by row or in chunks, the bytes are
+    the same."""
+    if len(ids):
+        first = np.asarray(array[int(ids[0])])
+        digest.update(f"{first.dtype.str}{first.shape}|".encode())
+    if isinstance(array, np.ndarray):
+        for start in range(0, len(ids), chunk):
+            digest.update(np.ascontiguousarray(array[ids[start : start + chunk]]).tobytes())
+    else:
+        for j in ids:
+            digest.update(np.ascontiguousarray(np.asarray(array[int(j)])).tobytes())
+
+
+def _describe_function(function: Any) -> str:
+    """A description of a paired dataset's ``prepare`` that is the same in every process: a
+    function's qualified name, or a callable object's class and attributes (``repr`` would hold
+    an address)."""
+    if hasattr(function, "__qualname__"):
+        return f"{function.__module__}.{function.__qualname__}"
+    kind, state = type(function), getattr(function, "__dict__", {})
+    plain = json.dumps(state, sort_keys=True, default=lambda v: np.asarray(v).tolist())
+    return f"{kind.__module__}.{kind.__qualname__}{plain}"
+
+
+def _transforms(dataset: Any) -> str:
+    """What turns a stored training sample into what the teacher sees."""
+    if hasattr(dataset, "prepare"):  # paired modalities: not augmented
+        return _describe_function(dataset.prepare)
+    return repr(dataset.transform)
+
+
 def data_record(datamodule: Any) -> dict[str, Any]:
-    """The data fields of a manifest, from a set-up classification datamodule."""
+    """The data fields of a manifest, from a set-up classification or paired-modality
+    datamodule."""
     dataset = datamodule.train
     # Keys starting with "_" are LightningCLI's bookkeeping (class path, instantiator).
     settings = {
@@ -95,7 +138,7 @@ def data_record(datamodule: Any) -> dict[str, Any]:
         {
             "class": f"{type(datamodule).__module__}.{type(datamodule).__qualname__}",
             "settings": settings,
-            "transforms_sha256": hashlib.sha256(repr(dataset.transform).encode()).hexdigest(),
+            "transforms_sha256": hashlib.sha256(_transforms(dataset).encode()).hexdigest(),
             "samples_sha256": dataset_fingerprint(dataset),
             "samples": len(dataset),
             "augment_seed": getattr(dataset, "augment_seed", None),

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kdzoo.cache.build import plan_manifest
+from kdzoo.cache.build import plan_manifest, teacher_adapter
 from kdzoo.cache.manifest import differences
 from kdzoo.cache.store import CacheError, read_shard, restore_logits
 from kdzoo.cache.teacher import open_manifest
@@ -84,11 +84,12 @@ def verify(
     generator = torch.Generator().manual_seed(seed)
     epochs = torch.randint(manifest["epochs"], (samples,), generator=generator).tolist()
     indices = torch.randint(len(dataset), (samples,), generator=generator).tolist()
+    # A view is (*inputs, target, sample id): one image, or the two modalities of a pair.
     views = [dataset.view(i, e) for i, e in zip(indices, epochs, strict=True)]
-    teacher = model.teacher.eval()
-    live = teacher(torch.stack([v[0] for v in views]))
+    inputs = [torch.stack([v[k] for v in views]) for k in range(len(views[0]) - 2)]
+    live = teacher_adapter(model).run(inputs)
     stored_rows = []
-    for (i, e), (_, _, sample_id) in zip(zip(indices, epochs, strict=True), views, strict=True):
+    for (i, e), (*_, sample_id) in zip(zip(indices, epochs, strict=True), views, strict=True):
         shard = shards[(e, i // size)]
         row = int((shard["ids"] == sample_id).nonzero()[0, 0])
         stored_rows.append(
@@ -97,7 +98,7 @@ def verify(
     stored = {k: torch.cat([r[k] for r in stored_rows]) for k in stored_rows[0]}
     num_classes = manifest["teacher"]["num_classes"]
     restored = restore_logits(stored, num_classes)
-    logits = live.logits.float()
+    logits = live["logits"].float()
     if manifest["logits"]["k"] is None:
         compared, reference = restored, logits
     else:  # the top-k positions (the others hold the rest logit, by design)
@@ -114,7 +115,7 @@ def verify(
         norm = _check(
             "embedding_norm",
             stored["embedding_norm"].float(),
-            live.embedding.norm(dim=1),
+            live["embedding"].norm(dim=1),
             relative,
         )
         report.append(f"largest |embedding norm difference| {norm:.3g}")

@@ -2,8 +2,9 @@
 
 ``kdzoo bench run`` builds one cache per teacher run (and per data setting its students use),
 under ``<out>/caches/``, the first time a student of that teacher needs it, and trains every
-student of that teacher from it. Each cache holds every output a method can read, so the KD,
-ND and TGeo-KD students of one teacher share it.
+student of that teacher from it. Each cache holds every output the teacher can give (a timm
+classifier: every output a method can read, so the KD, ND and TGeo-KD students of one teacher
+share it; a cross-modal teacher: its logits).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from itertools import count
 from pathlib import Path
 
-from kdzoo.cache.build import OUTPUTS, build_cache
+from kdzoo.cache.build import build_cache, teacher_adapter
 from kdzoo.cache.store import CacheOccupiedError
 
 __all__ = ["cached_teacher_args"]
@@ -37,7 +38,7 @@ def cached_teacher_args(
                 directory,
                 epochs=cli.trainer.max_epochs,
                 trainer_options=trainer_options(cli),
-                outputs=OUTPUTS,
+                outputs=teacher_adapter(cli.model).outputs,
                 dtype=dtype,
             )
         except CacheOccupiedError:

@@ -2,17 +2,19 @@
 
 :class:`CachedTeacher` stands where a :class:`~kdzoo.models.teacher.Teacher` would: a method calls
 it on the student's batch and gets the teacher's outputs for that batch's samples in the current
-epoch (the ids come with the batch, with ``--data.init_args.augment_seed``; the module tells the
-cache which ids and epoch before each training step). The network is never built and its weights
-never loaded. It is opened from ``teacher.cache`` (a field of
-:class:`~kdzoo.models.teacher.TeacherSpec`) and checked twice: at construction against the
+epoch (the ids come with the batch, as its last item, with ``--data.init_args.augment_seed``; the
+module tells the cache which ids and epoch before each training step,
+:meth:`CachedTeacher.select_batch`). The network is never built and its weights never loaded.
+It is opened from ``teacher.cache`` (a field of :class:`~kdzoo.models.teacher.TeacherSpec`, and
+of :class:`~kdzoo.methods.crossmodal.kd.PairedTeacherSpec` for a cross-modal teacher, whose
+network returns bare logits: ``logits_only``) and checked twice: at construction against the
 teacher the run names (weights sha256, architecture, classes) and the outputs the method needs,
 and when fit starts against the run's data and epochs (:meth:`CachedTeacher.check_run`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,8 @@ class CachedTeacher(nn.Module):
         num_classes: the classes of the run's data.
         needs: the outputs the method reads (``logits``, ``embedding_norm``, ``*_class_means``).
         method: the method's name, for the messages.
+        logits_only: return the logits tensor, as a cross-modal network does, instead of a
+            :class:`~kdzoo.models.backbone.BackboneOutput`, as a timm classifier teacher does.
     """
 
     def __init__(
@@ -64,6 +68,7 @@ class CachedTeacher(nn.Module):
         num_classes: int,
         needs: Iterable[str],
         method: str,
+        logits_only: bool = False,
     ) -> None:
         super().__init__()
         self.directory = Path(directory).expanduser()
@@ -85,8 +90,9 @@ class CachedTeacher(nn.Module):
                 f"build a cache from a {method} run config"
             )
         self.name: str = teacher["architecture"]
-        self.embedding_dim: int = teacher["embedding_dim"]
+        self.embedding_dim: int | None = teacher.get("embedding_dim")  # none: cross-modal
         self.num_classes: int = teacher["num_classes"]
+        self.logits_only = logits_only
         self._epoch: int | None = None
         self._stored: dict[str, torch.Tensor] = {}
         self._rows_of = torch.empty(0, dtype=torch.int64)
@@ -113,8 +119,8 @@ class CachedTeacher(nn.Module):
             datamodule.train, "sample_ids"
         ):
             raise CacheError(
-                "a teacher cache needs a kdzoo classification datamodule with "
-                "--data.init_args.augment_seed set"
+                "a teacher cache needs a kdzoo classification or paired-modality datamodule "
+                "with --data.init_args.augment_seed set"
             )
         expected = {"data": data_record(datamodule)}
         if max_epochs is not None and max_epochs > 0:
@@ -122,6 +128,16 @@ class CachedTeacher(nn.Module):
         self._refuse_differences(expected)
 
     # ---- lookup -------------------------------------------------------------------------------
+    def select_batch(self, batch: Any, epoch: int, *, items: int) -> None:
+        """Select the samples of a training batch that carries their ids as its last item, the
+        ``items``-th: ``(images, targets, ids)`` (3) or ``(x_m1, x_m2, y, ids)`` (4)."""
+        if not isinstance(batch, Sequence) or len(batch) < items:
+            raise CacheError(
+                "a teacher cache needs training batches that carry the sample ids: set "
+                "--data.init_args.augment_seed to the cache's augment seed"
+            )
+        self.select(batch[items - 1], epoch)
+
     def select(self, ids: torch.Tensor, epoch: int) -> None:
         """The samples (ids) and epoch of the next call."""
         if epoch != self._epoch:
@@ -146,7 +162,10 @@ class CachedTeacher(nn.Module):
         self._epoch = epoch
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, indices: Any = None) -> BackboneOutput:
+    def forward(self, *inputs: torch.Tensor, indices: Any = None) -> BackboneOutput | torch.Tensor:
+        """The outputs for the selected samples, on the device of the (first) input, which only
+        gives the batch size and the device: the teacher is not run."""
+        x = inputs[0]
         if indices is not None:
             raise CacheError(
                 "the teacher cache holds no intermediate feature maps: this method needs the "
@@ -168,6 +187,8 @@ class CachedTeacher(nn.Module):
             )
         picked = {name: t[rows] for name, t in self._stored.items()}
         logits = restore_logits(picked, self.num_classes).to(x.device)
+        if self.logits_only:
+            return logits
         norm = picked.get("embedding_norm")
         return BackboneOutput(
             logits=logits,

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torchmetrics import MetricCollection
 
-from kdzoo.cache import CachedTeacher, CacheError
+from kdzoo.cache import CachedTeacher
+from kdzoo.cache.adapters import ClassifierTeacher
 from kdzoo.errors import ConfigError
 from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.backbone import Backbone, BackboneOutput
@@ -198,12 +199,11 @@ class DistillationModule(ClassificationModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         if self.teacher_cached:  # which samples, in which epoch, the cache must give
-            if not isinstance(batch, Sequence) or len(batch) < 3:
-                raise CacheError(
-                    "a teacher cache needs training batches that carry the sample ids: set "
-                    "--data.init_args.augment_seed to the cache's augment seed"
-                )
-            self.teacher.select(batch[2], self.current_epoch)
+            self.teacher.select_batch(batch, self.current_epoch, items=3)
+
+    def cache_adapter(self) -> ClassifierTeacher:
+        """How ``kdzoo cache build`` runs and records this method's (live) teacher."""
+        return ClassifierTeacher(self.teacher, self.hparams.teacher, type(self).__name__)
 
     def teacher_forward(
         self, x: torch.Tensor, indices: int | Sequence[int] | None = None

@@ -48,8 +48,9 @@ TIMM_PRETRAINED = "timm"
 #: The explicit ``weights`` value that keeps a frozen network's random initialisation (tests).
 RANDOM_INIT = "random"
 HUB_PREFIX = "hub:"
-#: The methods whose teacher can be a teacher-output cache (``TeacherSpec.cache``).
-CACHE_READERS = ("KD", "DKD", "DIST", "PLD", "ND", "TGeoKD")
+#: The methods whose teacher can be a teacher-output cache (``TeacherSpec.cache``, and
+#: ``PairedTeacherSpec.cache`` for CrossModalKD's cross-modal teacher).
+CACHE_READERS = ("KD", "DKD", "DIST", "PLD", "ND", "TGeoKD", "CrossModalKD")
 WEIGHT_SOURCES = (
     "a kdzoo checkpoint (.ckpt), an exported folder, a .safetensors/.pth file, hub:NAME or timm"
 )

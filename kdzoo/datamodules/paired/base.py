@@ -9,7 +9,9 @@ Every paired DataModule follows one contract, so the cross-modal methods can be 
 - batches are tuples ``(x_m1, x_m2, y)``: float32 tensors per modality, image-like
   ``(N, C, H, W)`` or vectors ``(N, D)``; ``y`` is int64, class ids ``(N,)`` when
   ``task == "classification"``, or masks ``(N, H, W)`` with ``ignore_index`` (255) for void pixels
-  when ``task == "segmentation"``;
+  when ``task == "segmentation"``. With ``augment_seed`` set, training batches carry the int64
+  sample ids as a fourth item, ``(x_m1, x_m2, y, ids)`` (for a teacher-output cache, see
+  :class:`PairedModalityDataModule`);
 - ``num_classes``, ``modalities`` (two names), ``modality_shapes`` (per-sample shapes),
   ``class_names``, ``task`` and ``ignore_index`` are valid right after ``__init__``;
 - datasets without official splits use the repo's seeded random 60/20/20 train/val/test split of
@@ -176,7 +178,16 @@ class PairedDataset(Dataset):
 
     ``m1``, ``m2`` and ``labels`` only need ``len`` and integer indexing, so memory-mapped
     ``.npy`` files and lazy views work; their lengths are checked to agree.
+
+    With :attr:`augment_seed` set (:meth:`replayable`), items carry their sample id ``j`` as a
+    fourth element and :meth:`view` gives the item of any epoch, the interface of
+    :class:`~kdzoo.datamodules.loading.TransformedDataset` that a teacher-output cache reads.
     """
+
+    #: Set by :meth:`replayable`: items are ``(x_m1, x_m2, y, j)``. Nothing here is augmented,
+    #: so the seed changes no item; it is kept (and recorded in a cache's manifest) so that paired
+    #: and classification data have one exact-replay interface.
+    augment_seed: int | None = None
 
     def __init__(
         self, m1: Any, m2: Any, labels: Any, prepare: Prepare, indices: Any = None, where: str = ""
@@ -187,14 +198,43 @@ class PairedDataset(Dataset):
 
     def subset(self, indices: np.ndarray) -> PairedDataset:
         """The same data viewed through other ``indices`` (positions in the underlying arrays)."""
-        return PairedDataset(self.m1, self.m2, self.labels, self.prepare, indices)
+        subset = PairedDataset(self.m1, self.m2, self.labels, self.prepare, indices)
+        subset.augment_seed = self.augment_seed
+        return subset
+
+    def replayable(self, augment_seed: int) -> PairedDataset:
+        """The same items, each with its sample id (a new dataset: this one is left as it is)."""
+        replay = self.subset(self.indices)
+        replay.augment_seed = int(augment_seed)
+        return replay
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        """The sample id of each item: its position in the underlying arrays (stable under the
+        split and the subsets); the ids training batches carry with :attr:`augment_seed`."""
+        return self.indices
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> Item:
+    def __getitem__(self, i: int) -> Item | tuple[torch.Tensor, torch.Tensor, Any, int]:
         j = int(self.indices[i])
-        return self.prepare(self.m1[j], self.m2[j], self.labels[j])
+        item = self.prepare(self.m1[j], self.m2[j], self.labels[j])
+        return item if self.augment_seed is None else (*item, j)
+
+    def view(self, i: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor, Any, int]:
+        """``(x_m1, x_m2, y, sample id)`` of item ``i`` as training reads it in ``epoch``: the same
+        item in every epoch, since paired data is not augmented.
+
+        Raises:
+            DataError: if :attr:`augment_seed` is not set (the items then carry no ids).
+        """
+        if self.augment_seed is None:
+            raise DataError(
+                f"{type(self).__name__}.view needs augment_seed: set "
+                "--data.init_args.augment_seed so that training items carry their sample ids"
+            )
+        return self[i]
 
 
 def as_tensor(x: Any) -> torch.Tensor:
@@ -216,6 +256,15 @@ class PairedModalityDataModule(KDZooDataModule):
         split_seed: seed of the train/val(/test) split and of the subsets.
         train_subset: keep only this many (seeded random) training samples; ``None`` keeps all.
         eval_subset: same for the val and test splits.
+        augment_seed: the argument of the image-classification datamodules, so that a
+            teacher-output cache (``kdzoo cache``) has one interface. Paired data is not
+            augmented, so it changes no item: the training item of sample ``i`` is the same in
+            every epoch whatever the seed. Set, training batches carry the sample ids as a fourth
+            item ``(x_m1, x_m2, y, ids)`` (ids: positions in the underlying arrays, stable under
+            the split and the subsets) and the training dataset gives the item of any epoch
+            (:meth:`PairedDataset.view`); a cache records the seed and a run reading it must set
+            the same one. ``None`` (the default): batches ``(x_m1, x_m2, y)``, as without the
+            argument. Only the training split is affected.
         Other arguments (``root``, ``batch_size``, ``num_workers``): see
             :class:`~kdzoo.datamodules.skeleton.KDZooDataModule`.
     """
@@ -230,14 +279,17 @@ class PairedModalityDataModule(KDZooDataModule):
         split_seed: int = 0,
         train_subset: int | None = None,
         eval_subset: int | None = None,
+        augment_seed: int | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         check_count("split_seed", split_seed, 0)
         check_count("train_subset", train_subset, optional=True)
         check_count("eval_subset", eval_subset, optional=True)
+        check_count("augment_seed", augment_seed, 0, optional=True)
         self.split_seed = split_seed
         self.train_subset, self.eval_subset = train_subset, eval_subset
+        self.augment_seed = augment_seed
         self._info: PairedInfo | None = None
 
     # -- the contract's properties ----------------------------------------------------------------
@@ -317,6 +369,8 @@ class PairedModalityDataModule(KDZooDataModule):
             return
         train, val, test = self.load_splits()
         self.train = self._subset(train, self.train_subset, 1)
+        if self.augment_seed is not None:
+            self.train = self.train.replayable(self.augment_seed)
         self.val = self._subset(val, self.eval_subset, 2)
         self.test = self._subset(test, self.eval_subset, 3)
         self.predict = self.test

@@ -1,9 +1,11 @@
 """The contract of kdzoo's cross-modal methods: paired-modality batches, one deployed network.
 
-A paired-modality datamodule yields batches ``(x_m1, x_m2, y)`` and exposes ``num_classes`` and
-``modality_shapes`` (per-sample shapes, linked into every module here by the CLI). The network
-architectures are described once, by ``encoders`` (one spec per modality, see
-:mod:`kdzoo.models.multimodal`), ``head_hidden`` (the unimodal nets' head) and
+A paired-modality datamodule yields batches ``(x_m1, x_m2, y)`` (training batches
+``(x_m1, x_m2, y, ids)`` with ``augment_seed``: the sample ids, which only a method reading a
+teacher-output cache uses; :meth:`PairedModule.split_batch` drops them for every other) and
+exposes ``num_classes`` and ``modality_shapes`` (per-sample shapes, linked into every module here
+by the CLI). The network architectures are described once, by ``encoders`` (one spec per
+modality, see :mod:`kdzoo.models.multimodal`), ``head_hidden`` (the unimodal nets' head) and
 ``fusion_head_hidden`` (the fusion net's head), so the same YAML block builds the fusion teacher,
 the cross-modal teacher and the student of "MST-Distill: Mixture of Specialized Teachers for
 Cross-Modal Knowledge Distillation" (ACM MM 2025, arXiv:2507.07015; code
@@ -32,7 +34,13 @@ from kdzoo.methods.module import Deployable, KDZooModule
 from kdzoo.models.multimodal import FusionNet, UnimodalNet
 from kdzoo.models.weights import safe_torch_load
 
-__all__ = ["ROLES", "PairedModule", "load_paired_checkpoint", "modality_role"]
+__all__ = [
+    "ROLES",
+    "PairedModule",
+    "describe_network",
+    "load_paired_checkpoint",
+    "modality_role",
+]
 
 #: The networks of the cross-modal setting: the fusion net and a unimodal net per modality.
 ROLES = ("fusion", "m1", "m2")
@@ -51,6 +59,15 @@ def recorded_role(hparams: Mapping[str, Any]) -> str:
     """The role of a run's evaluated network from its hyper-parameters: ``network``
     (``PairedSupervised``) or the student's ``target_modality``."""
     return hparams.get("network") or modality_role(int(hparams.get("target_modality", 0)))
+
+
+def describe_network(role: str, encoders: Sequence[Mapping[str, Any]]) -> str:
+    """``fusion(a+b)`` for the fusion net over encoders ``a`` and ``b``, ``name (m1)`` for a
+    unimodal one."""
+    names = [e.get("name") or e.get("kind", "") for e in encoders]
+    if role == "fusion":
+        return f"fusion({'+'.join(names)})"
+    return f"{names[int(role[1]) - 1]} ({role})"
 
 
 def load_paired_checkpoint(path: str, what: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -159,9 +176,12 @@ class PairedModule(KDZooModule):
 
     # ---- data ---------------------------------------------------------------------------------
     def split_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x_m1, x_m2, y)`` of a paired-modality batch, or a clear error for any other."""
+        """``(x_m1, x_m2, y)`` of a paired-modality batch (the sample ids of a training batch
+        with ``augment_seed``, a fourth item, left out), or a clear error for any other."""
         if not (
-            isinstance(batch, Sequence) and len(batch) == 3 and all(map(torch.is_tensor, batch))
+            isinstance(batch, Sequence)
+            and len(batch) in (3, 4)
+            and all(map(torch.is_tensor, batch))
         ):
             got = f"{len(batch)} items" if isinstance(batch, Sequence) else type(batch).__name__
             raise ConfigError(
@@ -244,10 +264,7 @@ class PairedModule(KDZooModule):
 
     def network_name(self, role: str) -> str:
         """``fusion(a+b)`` for the fusion net, ``name (m1)`` for a unimodal one."""
-        names = [e.get("name") or e.get("kind", "") for e in self.hparams.encoders]
-        if role == "fusion":
-            return f"fusion({'+'.join(names)})"
-        return f"{names[int(role[1]) - 1]} ({role})"
+        return describe_network(role, self.hparams.encoders)
 
     # ---- loading weights ----------------------------------------------------------------------
     def architecture_mismatch(
