@@ -186,3 +186,22 @@ def test_cli_onnx_export_prints_the_difference(runs, tmp_path) -> None:
     assert match, proc.stdout
     assert float(match.group(1)) <= float(match.group(2))
     assert (out / "model.onnx").is_file() and (out / "model.safetensors").is_file()
+
+
+def test_a_network_on_batch_statistics_is_checked_on_batches_of_2_and_3(tmp_path):
+    # Test-time adaptation's BatchNorm without running statistics: a single image whose last
+    # feature map is 1x1 cannot go through PyTorch, so the check takes 2 and 3 images instead.
+    network = nn.Sequential(
+        nn.Conv2d(1, 4, 5), nn.BatchNorm2d(4, track_running_stats=False), nn.Flatten()
+    )
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        network.eval()(torch.randn(1, 1, 5, 5))
+    record = export_onnx(network, [(1, 5, 5)], tmp_path / "model.onnx")
+    assert record["check"]["batch_sizes"] == [3, 2]
+    x = torch.randn(4, 1, 5, 5)
+    got = session_of(tmp_path / "model.onnx").run(None, {"input": x.numpy()})[0]
+    torch.testing.assert_close(torch.from_numpy(got), network(x), rtol=1e-4, atol=1e-5)
+
+
+def session_of(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
