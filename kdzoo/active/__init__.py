@@ -8,9 +8,24 @@ rule (:mod:`kdzoo.active.strategies`) picks the pool images whose labels are rev
 ``kdzoo active run -c CONFIG --out DIR`` runs the loop (:func:`run_active`).
 """
 
-from kdzoo.active.data import ActiveDataModule, IndexedDataset, initial_labelled
-from kdzoo.active.pool import PoolOutputs, merge_shards, predict_pool
-from kdzoo.active.strategies import STRATEGIES, kcenter_greedy, select
+from importlib import import_module
+from typing import Any
+
+# Where each name lives. Loaded when first asked for, so that reading results (``report``, the
+# results converter) does not import Lightning, and ``run_active`` (the loop imports the whole
+# CLI: every method and datamodule) not before it is used.
+_WHERE = {
+    "ActiveDataModule": "data",
+    "IndexedDataset": "data",
+    "initial_labelled": "data",
+    "PoolOutputs": "pool",
+    "merge_shards": "pool",
+    "predict_pool": "pool",
+    "STRATEGIES": "strategies",
+    "kcenter_greedy": "strategies",
+    "select": "strategies",
+    "run_active": "loop",
+}
 
 __all__ = [
     "STRATEGIES",
@@ -26,10 +41,11 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # The loop imports the whole CLI (every method and datamodule); load it only when asked.
-    if name == "run_active":
-        from kdzoo.active.loop import run_active
-
-        return run_active
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(import_module(f"kdzoo.active.{_WHERE[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
