@@ -15,18 +15,8 @@ import yaml
 from torch import nn
 
 import kdzoo.models  # noqa: F401  (registers test_resnet)
-from kdzoo.cost import (
-    CostError,
-    active_strategies,
-    count_macs,
-    count_parameters,
-    measure,
-    measure_active,
-    measure_suite,
-    newest_round,
-    onnx_session,
-    throughput,
-)
+from kdzoo.cost import CostError, count_macs, count_parameters, measure, onnx_session, throughput
+from kdzoo.cost_suite import active_strategies, measure_active, measure_suite, newest_round
 from kdzoo.methods import DualHeadDistillation
 from kdzoo.results import (
     COST_FIELDS,

@@ -36,14 +36,8 @@ from pathlib import Path
 import torch
 
 from kdzoo.bench import git_commit
-from kdzoo.cost import (
-    RUNTIMES,
-    CostError,
-    active_log_dirs,
-    active_strategies,
-    measure_log_dirs,
-    suite_log_dirs,
-)
+from kdzoo.cost import RUNTIMES, CostError
+from kdzoo.cost_suite import active_log_dirs, active_strategies, measure_log_dirs, suite_log_dirs
 from kdzoo.results import COST_FIELDS, append_rows, read_rows
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
