@@ -667,17 +667,24 @@ def test_cached_class_means_equal_the_live_ones(env: Env, tmp_path: Path) -> Non
     # ND's own live and cached tables, as fit computes / reads them, and the first step's loss.
     losses, tables = [], []
     for module in (live, cached):
-        L.seed_everything(0, verbose=False)
-        trainer = quiet_trainer(
-            tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-            enable_checkpointing=False,
-        )  # fmt: skip
-        trainer.fit(module, datamodule())
+        trainer = fit_one_batch(module, tmp_path)
         tables.append(module.class_means.double())
         losses.append(trainer.callback_metrics["train/loss"])
     torch.testing.assert_close(tables[0], reference, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(tables[1], table, rtol=0, atol=0)
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-3, atol=0)
+
+
+def fit_one_batch(module: L.LightningModule, tmp_path: Path) -> L.Trainer:
+    """Fit ``module`` for one training batch (seed 0), as a run starts: its ``on_fit_start``
+    computes (live) or reads (cached) the class-mean table."""
+    L.seed_everything(0, verbose=False)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
+        enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule())
+    return trainer
 
 
 def test_cached_softmax_class_means_equal_the_live_ones(env: Env, tmp_path: Path) -> None:
@@ -701,12 +708,7 @@ def test_cached_softmax_class_means_equal_the_live_ones(env: Env, tmp_path: Path
 
     tables = []
     for module in (live, cached):
-        L.seed_everything(0, verbose=False)
-        trainer = quiet_trainer(
-            tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=0,
-            enable_checkpointing=False,
-        )  # fmt: skip
-        trainer.fit(module, datamodule())
+        fit_one_batch(module, tmp_path)
         tables.append(module.class_mean_teacher_probs.double())
     torch.testing.assert_close(tables[0], reference, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(tables[1], table, rtol=0, atol=0)
