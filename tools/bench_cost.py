@@ -16,12 +16,13 @@ strategy (the rows of its pivot table), from the active results directory (``--a
 default ``<out>/<suite>_active`` when it exists): each strategy's newest round, rebuilt from its
 logged config with random weights (rounds keep no checkpoints; weights do not change the cost).
 
-Run it on a quiet machine (nothing else running), with a fixed thread count:
+Run it on a quiet machine (nothing else running), with a fixed thread count (the committed
+``benchmarks/*_cost.csv`` use 2, this machine's cores):
 
-    python tools/bench_cost.py quick --out results --threads 1
-    python tools/bench_cost.py quick --results benchmarks/quick.csv --threads 1
+    python tools/bench_cost.py quick --out results --threads 2
+    python tools/bench_cost.py quick --results benchmarks/quick.csv --threads 2
     python tools/bench_cost.py active-quick --results benchmarks/active-quick.csv \\
-        --active results/active-quick_active --threads 1
+        --active results/active-quick_active --threads 2
     python tools/bench_cost.py quick_fast --out results --reps 1 --warmup 0 --cost_csv /tmp/c.csv
 """
 
